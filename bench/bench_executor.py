@@ -1,0 +1,90 @@
+"""Executor throughput: validate all 800 CRUXEval programs with the fork-server executor and, side by
+side in the same run, with the naive path (a fresh `python -c` per run, two runs per program with
+different hash seeds, spread over the same number of worker threads). Prints validated programs per
+second for both, the ratio, and whether the verdicts agree.
+
+    python bench/bench_executor.py [--workers N] [--limit N] [--repeat N]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from executor import Executor, same_value  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cruxeval.jsonl"
+
+# The naive runner: what a first implementation does - no sandbox, one interpreter per run.
+NAIVE_RUNNER = "import sys\nexec(sys.argv[1])\nprint(repr(eval('f(' + sys.argv[2] + '\\n)')))"
+
+
+def naive_run(program: str, input_str: str, hash_seed: int, timeout_s: float) -> tuple[str, str | None]:
+    env = dict(os.environ, PYTHONHASHSEED=str(hash_seed))
+    try:
+        proc = subprocess.run([sys.executable, "-c", NAIVE_RUNNER, program, input_str], env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return "timeout", None
+    if proc.returncode != 0:
+        return "error", None
+    return "ok", proc.stdout.strip().splitlines()[-1]
+
+
+def naive_validate(job, timeout_s: float) -> tuple[str, str | None]:
+    first = naive_run(*job, hash_seed=1, timeout_s=timeout_s)
+    if first[0] != "ok":
+        return first
+    second = naive_run(*job, hash_seed=2, timeout_s=timeout_s)
+    if second[0] != "ok":
+        return second
+    return ("ok", first[1]) if same_value(first[1], second[1]) else ("nondeterministic", None)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="parallel workers for both paths")
+    parser.add_argument("--limit", type=int, default=800, help="number of CRUXEval programs")
+    parser.add_argument("--repeat", type=int, default=3, help="timed passes of the fast path (best is kept)")
+    args = parser.parse_args()
+    if not DATA.exists():
+        sys.exit(f"error: CRUXEval not found at {DATA}")
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][: args.limit]
+    jobs = [(r["code"], r["input"]) for r in rows]
+    print(f"{len(jobs)} CRUXEval programs, {args.workers} workers, {os.cpu_count()} cores, "
+          f"python {sys.version.split()[0]}")
+
+    start = time.perf_counter()
+    with Executor(workers=args.workers) as ex:
+        ex.validate_many(jobs[: 4 * args.workers])         # start and warm every server
+        startup = time.perf_counter() - start
+        fast_times = []
+        for _ in range(args.repeat):
+            start = time.perf_counter()
+            fast = ex.validate_many(jobs)
+            fast_times.append(time.perf_counter() - start)
+        isolated = ex.isolated
+    fast_s = min(fast_times)
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.workers) as pool:
+        naive = list(pool.map(lambda job: naive_validate(job, 10.0), jobs))
+    naive_s = time.perf_counter() - start
+
+    same_verdicts = sum(f.status == n[0] and (f.status != "ok" or same_value(f.value, n[1]))
+                        for f, n in zip(fast, naive))
+    matches_recorded = sum(f.status == "ok" and same_value(f.value, r["output"]) for f, r in zip(fast, rows))
+    print(f"executor (fork server): {len(jobs) / fast_s:8.1f} programs/s  ({fast_s:.2f} s, best of "
+          f"{args.repeat}; servers started and warmed in {startup:.2f} s; namespaces: {isolated})")
+    print(f"naive (python -c x 2):  {len(jobs) / naive_s:8.1f} programs/s  ({naive_s:.2f} s)")
+    print(f"speed-up: {naive_s / fast_s:.1f}x (target >= 15x)")
+    print(f"identical verdicts: {same_verdicts}/{len(jobs)}; outputs equal to CRUXEval's: "
+          f"{matches_recorded}/{len(jobs)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,466 @@
+"""Attacks on the executor, and its correctness on real programs (CRUXEval).
+
+Every hostile program runs twice: through the normal executor (the static check usually rejects it)
+and, where it means something, through an executor with the static check switched off, to show
+that the operating-system layer holds on its own. After each one the test checks that no child
+process survived and that a clean program still gives the right answer.
+"""
+import json
+import os
+import random
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from executor import (BANNED_MODULES, Executor, RunResult, parse_literal, safety_violations,
+                      same_value)
+
+CRUXEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cruxeval.jsonl"
+IS_ROOT = os.getuid() == 0
+CLEAN = ("def f(xs, k):\n    return sorted(xs)[:k]", "[3, 1, 2], 2", "[1, 2]")
+
+
+@pytest.fixture(scope="module")
+def safe():
+    with Executor(timeout_s=1.0, memory_mb=256, max_output_chars=2000, workers=2) as ex:
+        yield ex
+
+
+@pytest.fixture(scope="module")
+def raw():
+    """No static check and no import guard: only the operating-system layer."""
+    with Executor(timeout_s=1.0, memory_mb=256, max_output_chars=2000, workers=2,
+                  check_safety=False) as ex:
+        yield ex
+
+
+def _descendants(root: int) -> list[tuple[int, str]]:
+    """(pid, cmdline) of every live process below root, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = [], [root]
+    while stack:
+        for pid in children.get(stack.pop(), []):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            found.append((pid, cmd))
+            stack.append(pid)
+    return found
+
+
+def assert_no_stray_processes():
+    """Only the executors' warm servers may live below the test process: no program's child."""
+    deadline = time.monotonic() + 2
+    while True:
+        stray = [(pid, cmd) for pid, cmd in _descendants(os.getpid()) if "--serve" not in cmd]
+        if not stray or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)   # a killed child may take a moment to be reaped
+    assert stray == []
+
+
+def assert_still_healthy(ex: Executor):
+    result = ex.run(CLEAN[0], CLEAN[1])
+    assert result.status == "ok" and same_value(result.value, CLEAN[2]), result
+
+
+# --------------------------------------------------------------------------------------------------
+# Hostile programs: (name, program, input, status with the static check, status without it)
+# None for the second status: the program only makes sense as an attack on the static check.
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class Hostile:
+    name: str
+    program: str
+    input: str
+    status: str
+    raw_status: str | None
+    root_only: bool = False
+
+
+HOSTILE = [
+    # infinite loops and sleeping
+    Hostile("busy loop", "def f(x):\n    while True:\n        pass", "1", "timeout", "timeout"),
+    Hostile("loop swallowing every exception",
+            "def f(x):\n    while True:\n        try:\n            while True:\n                pass\n"
+            "        except BaseException:\n            pass", "1", "timeout", "timeout"),
+    Hostile("loop ignoring signals",
+            "import signal\ndef f(x):\n    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGXCPU):\n"
+            "        signal.signal(s, signal.SIG_IGN)\n    while True:\n        pass", "1",
+            "rejected", "timeout"),
+    Hostile("sleep", "import time\ndef f(x):\n    time.sleep(60)\n    return x", "1", "rejected", "timeout"),
+    Hostile("infinite recursion with a generator", "def f(x):\n    return sum(iter(int, 1))", "1",
+            "timeout", "timeout"),
+    # CPU-heavy builtins (no Python-level loop to interrupt)
+    Hostile("huge sum", "def f(x):\n    return sum(range(10 ** 13))", "1", "timeout", "timeout"),
+    Hostile("huge power", "def f(x):\n    return pow(3, 10 ** 9) % 7", "1", "timeout", "timeout"),
+    # memory bombs
+    Hostile("list bomb", "def f(x):\n    return len([0] * 10 ** 10)", "1", "memory", "memory"),
+    Hostile("string bomb", "def f(x):\n    return len('a' * 10 ** 10)", "1", "memory", "memory"),
+    Hostile("growing list", "def f(x):\n    a = []\n    while True:\n        a.append(' ' * 10 ** 6)", "1",
+            "memory", "memory"),
+    Hostile("bytearray bomb", "def f(x):\n    return len(bytearray(10 ** 10))", "1", "memory", "memory"),
+    # fork bombs and subprocesses
+    Hostile("os.fork", "import os\ndef f(x):\n    os.fork()\n    return 1", "1", "rejected", "error",
+            root_only=False),
+    Hostile("fork bomb", "import os\ndef f(x):\n    while True:\n        os.fork()", "1", "rejected", "error"),
+    Hostile("subprocess", "import subprocess\ndef f(x):\n    return subprocess.run(['true']).returncode",
+            "1", "rejected", "error"),
+    Hostile("os.system", "import os\ndef f(x):\n    return os.system('true')", "1", "rejected", "ok"),
+    Hostile("thread left running",
+            "import threading\ndef f(x):\n    threading.Thread(target=lambda: [0 for _ in iter(int, 1)]).start()\n"
+            "    return 1", "1", "rejected", "error"),
+    # file system
+    Hostile("write outside the temp dir",
+            "def f(x):\n    with open('/tmp/azr_escape_marker', 'w') as fh:\n        fh.write('x')\n    return 1",
+            "1", "rejected", "ok", root_only=True),
+    Hostile("write into root's home",
+            "def f(x):\n    open('/root/azr_escape_marker', 'w').write('x')\n    return 1",
+            "1", "rejected", "error", root_only=True),
+    Hostile("delete a file", "import os\ndef f(x):\n    os.remove(x)\n    return 1", "'MARKER'",
+            "rejected", "error", root_only=True),
+    Hostile("shutil.rmtree", "import shutil\ndef f(x):\n    shutil.rmtree('/work')\n    return 1", "1",
+            "rejected", "error", root_only=True),
+    Hostile("pathlib write", "from pathlib import Path\ndef f(x):\n    Path('/etc/azr_marker').write_text('x')",
+            "1", "rejected", "error", root_only=True),
+    # network
+    Hostile("socket to loopback",
+            "import socket\ndef f(port):\n    socket.create_connection(('127.0.0.1', port), timeout=0.5)\n"
+            "    return 'connected'", "PORT", "rejected", "error", root_only=True),
+    # indirect imports and climbing out
+    Hostile("__import__", "def f(x):\n    return __import__('os').getpid()", "1", "rejected", "ok"),
+    Hostile("importlib", "import importlib\ndef f(x):\n    return importlib.import_module('os').sep", "1",
+            "rejected", "ok"),
+    Hostile("__builtins__ dict", "def f(x):\n    return __builtins__['eval']('1+1')", "1", "rejected", None),
+    Hostile("sys.modules", "import sys\ndef f(x):\n    return sys.modules['os'].getcwd()", "1", "rejected", None),
+    Hostile("string-built name in eval", "def f(x):\n    return eval('__imp' + 'ort__(\"os\")')", "1",
+            "rejected", None),
+    Hostile("eval alias", "g = eval\ndef f(x):\n    return g('1 + 1')", "1", "rejected", None),
+    Hostile("subclasses walk", "def f(x):\n    return len(().__class__.__base__.__subclasses__())", "1",
+            "rejected", None),
+    Hostile("function globals", "def f(x):\n    return str(f.__globals__)", "1", "rejected", None),
+    Hostile("format string attribute walk", "def f(x):\n    return '{0.__class__}'.format(x)", "1",
+            "rejected", None),
+    Hostile("module attribute holding sys", "import typing\ndef f(x):\n    return typing.sys.platform", "1",
+            "rejected", None),
+    Hostile("from-import of a private module", "from re import _compiler\ndef f(x):\n    return 1", "1",
+            "rejected", None),
+    Hostile("import __main__", "import __main__\ndef f(x):\n    return 1", "1", "rejected", None),
+    Hostile("traceback frames", "def f(x):\n    try:\n        1 / 0\n    except Exception as e:\n"
+            "        return str(e.__traceback__.tb_frame.f_globals)", "1", "rejected", None),
+    Hostile("generator frame", "def f(x):\n    g = (i for i in [1])\n    return str(g.gi_frame.f_back)", "1",
+            "rejected", None),
+    Hostile("hostile input", "def f(x):\n    return x", "__import__('os').getcwd()", "rejected", "ok"),
+    Hostile("input breaking out of the call", "def f(x):\n    return x", "1), print(2", "error", "error"),
+    Hostile("not loadable from disk", "import xml.dom\ndef f(x):\n    return 1", "1", "error", None),
+    # output floods
+    Hostile("print flood", "def f(x):\n    while True:\n        print('spam' * 100)", "1",
+            "output_limit", "output_limit"),
+    Hostile("one huge print", "def f(x):\n    print('x' * 10 ** 7)\n    return 1", "1",
+            "output_limit", "output_limit"),
+    Hostile("raw fd flood", "import os\ndef f(x):\n    while True:\n        os.write(1, b'x' * 4096)", "1",
+            "rejected", "output_limit"),
+    Hostile("stderr flood", "import sys\ndef f(x):\n    sys.stderr.write('e' * 10 ** 6)\n    return 1", "1",
+            "rejected", "output_limit"),
+    # huge, deep and unserialisable return values
+    Hostile("huge string", "def f(x):\n    return 'a' * 10 ** 6", "1", "unserializable", "unserializable"),
+    Hostile("too many items", "def f(x):\n    return [[0] * 10] * 20000", "1", "unserializable", "unserializable"),
+    Hostile("deep nesting", "def f(x):\n    a = []\n    for _ in range(10000):\n        a = [a]\n    return a",
+            "1", "unserializable", "unserializable"),
+    Hostile("self-containing list", "def f(x):\n    a = [1]\n    a.append(a)\n    return a", "1",
+            "unserializable", "unserializable"),
+    Hostile("huge int", "def f(x):\n    return 7 ** 20000", "1", "unserializable", "unserializable"),
+    Hostile("object", "def f(x):\n    return object()", "1", "unserializable", "unserializable"),
+    Hostile("function", "def f(x):\n    return lambda: 1", "1", "unserializable", "unserializable"),
+    Hostile("generator", "def f(x):\n    return (i for i in range(3))", "1", "unserializable", "unserializable"),
+    # objects that lie
+    Hostile("lying __eq__ and __repr__",
+            "class Liar:\n    def __eq__(self, other):\n        return True\n    def __repr__(self):\n"
+            "        return '42'\ndef f(x):\n    return Liar()", "1", "unserializable", "unserializable"),
+    Hostile("int subclass with a lying repr",
+            "class I(int):\n    def __repr__(self):\n        return '0'\ndef f(x):\n    return [I(5)]", "1",
+            "unserializable", "unserializable"),
+    Hostile("exception with a hostile __str__",
+            "class E(Exception):\n    def __str__(self):\n        raise E()\ndef f(x):\n    raise E()", "1",
+            "error", "error"),
+    # exits and signals
+    Hostile("sys.exit", "import sys\ndef f(x):\n    sys.exit(3)", "1", "rejected", "error"),
+    Hostile("raise SystemExit", "def f(x):\n    raise SystemExit(0)", "1", "error", "error"),
+    Hostile("exit builtin", "def f(x):\n    exit(0)", "1", "rejected", None),
+    Hostile("os._exit", "import os\ndef f(x):\n    os._exit(0)", "1", "rejected", "crash"),
+    Hostile("SIGKILL to itself", "import os, signal\ndef f(x):\n    os.kill(os.getpid(), signal.SIGKILL)",
+            "1", "rejected", "crash"),
+    Hostile("SIGKILL to its process group", "import os, signal\ndef f(x):\n    os.killpg(0, signal.SIGKILL)",
+            "1", "rejected", "crash"),
+    Hostile("SIGKILL to the server", "import os, signal\ndef f(x):\n    os.kill(os.getppid(), signal.SIGKILL)",
+            "1", "rejected", "error", root_only=True),
+    Hostile("segfault", "import ctypes\ndef f(x):\n    return ctypes.string_at(0)", "1", "rejected", "crash"),
+    # stdin
+    Hostile("input()", "def f(x):\n    return input()", "1", "rejected", "error"),
+    Hostile("stdin read", "import sys\ndef f(x):\n    return sys.stdin.read()", "1", "rejected", "ok"),
+]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[h.name for h in HOSTILE])
+def test_hostile_program(case, safe, raw, tmp_path):
+    if case.root_only and not IS_ROOT:
+        pytest.skip("this containment (uid drop, namespaces) needs the executor to run as root")
+    program, input_str = case.program, case.input
+    marker = tmp_path / "victim.txt"
+    marker.write_text("still here")
+    input_str = input_str.replace("MARKER", str(marker))
+    listener = None
+    if "PORT" in input_str:
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(0.5)
+        input_str = input_str.replace("PORT", str(listener.getsockname()[1]))
+
+    for ex, expected in ((safe, case.status), (raw, case.raw_status)):
+        if expected is None:
+            continue
+        result = ex.run(program, input_str)
+        assert isinstance(result, RunResult)
+        assert result.status == expected, result
+        assert (result.value is not None) == (expected == "ok")
+        assert result.status == "ok" or result.error
+        assert_no_stray_processes()
+        assert_still_healthy(ex)
+
+    # nothing reached the machine
+    assert marker.read_text() == "still here"
+    assert not Path("/tmp/azr_escape_marker").exists()
+    assert not Path("/root/azr_escape_marker").exists()
+    assert not Path("/etc/azr_marker").exists()
+    if listener is not None:
+        with pytest.raises(socket.timeout):
+            listener.accept()
+        listener.close()
+
+
+def test_at_least_forty_hostile_programs():
+    assert len(HOSTILE) >= 40
+
+
+def test_os_system_and_stdin_results_are_contained(raw):
+    """The two attacks that 'succeed' in raw mode succeed harmlessly: no shell can start, stdin is empty."""
+    assert raw.run("import os\ndef f(x):\n    return os.system('true')", "1").value != "0"
+    assert raw.run("import sys\ndef f(x):\n    return sys.stdin.read()", "1").value == "''"
+
+
+def test_environment_is_scrubbed(raw, monkeypatch):
+    monkeypatch.setenv("AZR_TEST_SECRET", "hunter2")
+    result = raw.run("import os\ndef f(x):\n    return dict(os.environ)", "1")
+    assert result.status == "ok" and result.value == "{}"
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="the uid drop happens only when the executor runs as root")
+def test_child_runs_unprivileged_in_a_fresh_directory(raw):
+    result = raw.run("import os\ndef f(x):\n    return [os.getuid(), os.listdir('.'), os.getcwd()]", "1")
+    uid, listing, cwd = parse_literal(result.value)
+    assert uid == 65534 and listing == [] and "azr-run-" in cwd
+
+
+# --------------------------------------------------------------------------------------------------
+# Non-determinism, and nothing leaking from one run to the next
+# --------------------------------------------------------------------------------------------------
+
+NONDETERMINISTIC = [
+    ("random", "import random\ndef f(x):\n    return random.random()", "rejected", "nondeterministic"),
+    ("time", "import time\ndef f(x):\n    return time.time()", "rejected", "nondeterministic"),
+    ("hash of a string", "def f(x):\n    return hash(x)", "nondeterministic", "nondeterministic"),
+    ("set order of strings", "def f(s):\n    return list(set(s))", "nondeterministic", "nondeterministic"),
+    ("id", "def f(x):\n    return id([]) % 100003", "nondeterministic", "nondeterministic"),
+    ("id of the argument", "def f(x):\n    return id(x) % 100003", "nondeterministic", "nondeterministic"),
+]
+
+
+@pytest.mark.parametrize("name,program,status,raw_status", NONDETERMINISTIC,
+                         ids=[n[0] for n in NONDETERMINISTIC])
+def test_nondeterminism_is_caught(name, program, status, raw_status, safe, raw):
+    assert safe.validate(program, "'abcdefghij'").status == status
+    assert raw.validate(program, "'abcdefghij'").status == raw_status
+
+
+def test_deterministic_results_pass_validation(safe):
+    # a set compared by value is deterministic even though its repr order may differ
+    assert safe.validate("def f(s):\n    return set(s)", "'abcdefghij'").status == "ok"
+    # module-level state mutated by a call starts afresh in every run: no leak, so deterministic
+    counter = "counter = [0]\ndef f(x):\n    counter[0] += 1\n    return counter[0]"
+    for _ in range(3):
+        result = safe.validate(counter, "0")
+        assert result.status == "ok" and result.value == "1"
+    # a mutated input is a fresh object in every run
+    result = safe.validate("def f(xs):\n    xs.append(1)\n    return xs", "[1, 2]")
+    assert result.status == "ok" and result.value == "[1, 2, 1]"
+    # NaN equals NaN in the determinism check
+    assert safe.validate("def f(x):\n    return [float('nan'), x]", "1").status == "ok"
+
+
+def test_nothing_leaks_between_runs(raw):
+    steps = [
+        ("import builtins\ndef f(x):\n    builtins.len = lambda s: 42\n    return len([])", "42"),
+        ("def f(x):\n    return len([1, 2])", "2"),
+        ("import sys\ndef f(x):\n    sys.setrecursionlimit(30)\n    return 1", "1"),
+        ("def f(n):\n    return 0 if n == 0 else 1 + f(n - 1)", "500"),
+        ("def f(x):\n    open('leak.txt', 'w').write('x')\n    return 1", "1"),
+        ("import os\ndef f(x):\n    return os.path.exists('leak.txt')", "False"),
+        ("secret = 7\ndef f(x):\n    return secret", "7"),
+        ("def f(x):\n    return 'secret' in globals()", "False"),
+        ("import threading, time\ndef f(x):\n    return 1", "1"),
+        ("import json\njson.dumps = lambda *a, **k: 'patched'\ndef f(x):\n    return 5", "5"),
+        ("import json\ndef f(x):\n    return json.dumps([1])", "'[1]'"),
+    ]
+    for program, expected in steps:
+        arg = "500" if "f(n - 1)" in program else "0"
+        result = raw.run(program, arg)
+        assert result.status == "ok" and result.value == expected, (program, result)
+
+
+def test_server_killed_from_outside_is_restarted():
+    with Executor(timeout_s=1.0, workers=1) as ex:
+        assert_still_healthy(ex)
+        for server in ex._servers:
+            if server.proc is not None:
+                server.proc.kill()
+                server.proc.wait()
+        assert_still_healthy(ex)
+
+
+def test_close_ends_every_process():
+    ex = Executor(timeout_s=1.0, workers=2)
+    ex.validate_many([CLEAN[:2]] * 4)
+    pids = [s.proc.pid for s in ex._servers if s.proc is not None]
+    assert pids
+    ex.close()
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    with pytest.raises(RuntimeError, match="closed"):
+        ex.run(*CLEAN[:2])
+
+
+def test_concurrent_callers_share_one_executor(safe):
+    results = {}
+
+    def call(i):
+        results[i] = safe.run("def f(a, b):\n    return a * b", f"{i}, 3")
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i].value == str(3 * i) for i in range(12))
+
+
+def test_run_many_keeps_order_with_mixed_outcomes(safe):
+    jobs = [("def f(x):\n    return x + 1", "1"), ("def f(x):\n    while True:\n        pass", "1"),
+            ("import os\ndef f(x):\n    return 1", "1"), ("def f(x):\n    return 1 / x", "0"),
+            ("def f(x):\n    return x", "'z'"), ("def f(x) return", "1"), ("def g(x):\n    return x", "1")]
+    statuses = [r.status for r in safe.run_many(jobs)]
+    assert statuses == ["ok", "timeout", "rejected", "error", "ok", "error", "error"]
+    errors = [r.error for r in safe.run_many(jobs[3:])]
+    assert errors[0].startswith("ZeroDivisionError") and "SyntaxError" in errors[2] and "defines no function f" in errors[3]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError):
+        Executor(timeout_s=0)
+    with Executor(workers=1) as ex:
+        assert ex.run(None, "1").status == "error"
+        assert ex.run("def f(x):\n    return x", "1" * 100_000).status == "rejected"
+        assert ex.run("x = 1\n" * 10_000, "1").status == "rejected"
+
+
+# --------------------------------------------------------------------------------------------------
+# The static check and literal comparison as plain functions
+# --------------------------------------------------------------------------------------------------
+
+def test_safety_violations_allows_ordinary_code():
+    ok = [
+        "def f(input):\n    return input[::-1]",                    # a parameter shadowing a builtin
+        "def f(open, vars):\n    return open + vars",
+        "import math, collections\nfrom itertools import combinations\ndef f(x):\n    return math.gcd(x, 6)",
+        "class Node:\n    def __init__(self, v):\n        self.v = v\n    def __repr__(self):\n        return 'N'\n"
+        "def f(x):\n    return type(Node(x)).__name__",
+        "def f(d):\n    return sorted(d.items(), key=lambda kv: kv[1])",
+        "if __name__ == '__main__':\n    print(f(1))\ndef f(x):\n    return x",
+    ]
+    for program in ok:
+        assert safety_violations(program) == [], program
+
+
+def test_safety_violations_explains_each_rule():
+    assert "module 'os' is forbidden" in safety_violations("import os")[0]
+    assert "module 'os.path' is forbidden" in safety_violations("import os.path as p")[0]
+    assert "builtin 'eval' is forbidden" in safety_violations("def f(x):\n    return eval(x)")[0]
+    assert "attribute '.__class__'" in safety_violations("def f(x):\n    return x.__class__")[0]
+    assert "does not parse" in safety_violations("def f(:")[0]
+    assert safety_violations("def g(eval):\n    return eval\ndef f(x):\n    return eval(x)")  # g's binding only
+    for module in ("logging", "random", "multiprocessing", "subprocess", "threading", "datetime", "time",
+                   "hashlib", "hmac", "calendar", "os", "sys"):   # the paper's list
+        assert module in BANNED_MODULES
+        assert safety_violations(f"import {module}"), module
+
+
+@pytest.mark.parametrize("a,b,equal", [
+    ("1", "1.0", True), ("True", "1", True), ("[1, 2]", "[1, 2]", True), ("[1, 2]", "(1, 2)", False),
+    ("{'b', 'a'}", "{'a', 'b'}", True), ("set()", "set()", True), ("frozenset({1})", "frozenset({1})", True),
+    ("nan", "nan", True), ("[nan, {'k': (nan,)}]", "[nan, {'k': (nan,)}]", True), ("nan", "1.0", False),
+    ("-inf", "-inf", True), ("(1+2j)", "(1+2j)", True), ("{1: 'a'}", "{1: 'b'}", False),
+    ("'a'", "a", False), ("", "''", False), ("__import__('os')", "0", False), ("[" * 5000, "[]", False),
+    ("x" * 200_000, "x" * 200_000, False), ("b'ab'", "b'ab'", True), ("{[1]}", "{[1]}", False),
+])
+def test_same_value(a, b, equal):
+    assert same_value(a, b) is equal
+    assert same_value(b, a) is equal
+
+
+def test_parse_literal_rejects_code():
+    for text in ("f(1)", "a + b", "lambda: 1", "{**x}", "[i for i in y]", "1 if x else 2"):
+        with pytest.raises(ValueError):
+            parse_literal(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Correctness on real programs: CRUXEval
+# --------------------------------------------------------------------------------------------------
+
+def _cruxeval(sample: int | None):
+    if not CRUXEVAL.exists():
+        pytest.skip(f"CRUXEval not found at {CRUXEVAL}")
+    rows = [json.loads(line) for line in CRUXEVAL.read_text().splitlines()]
+    assert len(rows) == 800
+    return rows if sample is None else random.Random(0).sample(rows, sample)
+
+
+def _check_cruxeval(rows):
+    with Executor(workers=2) as ex:
+        results = ex.validate_many([(r["code"], r["input"]) for r in rows])
+    wrong = [(r["id"], res) for r, res in zip(rows, results)
+             if res.status != "ok" or not same_value(res.value, r["output"])]
+    assert wrong == []
+
+
+def test_cruxeval_sample_validates_and_matches():
+    _check_cruxeval(_cruxeval(sample=120))
+
+
+@pytest.mark.slow
+def test_cruxeval_all_800_validate_and_match():
+    _check_cruxeval(_cruxeval(sample=None))
