@@ -66,6 +66,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -809,6 +810,7 @@ class Executor:
         self.check_safety = check_safety
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.calls = 0                          # child processes run (a validate() is two)
+        self.statuses: Counter[str] = Counter()  # status of every result run() / validate() returned
         self._lock = threading.Lock()
         self._slots: queue.SimpleQueue[tuple[_Server, _Server]] = queue.SimpleQueue()
         self._servers: list[_Server] = []
@@ -862,14 +864,17 @@ class Executor:
 
     # internals ---------------------------------------------------------------------------------------
 
-    def _with_slot(self, work):
+    def _with_slot(self, work) -> RunResult:
         if self._closed:
             raise RuntimeError("this Executor is closed")
         pair = self._slots.get()
         try:
-            return work(pair)
+            result = work(pair)
         finally:
             self._slots.put(pair)
+        with self._lock:
+            self.statuses[result.status] += 1
+        return result
 
     def _run_on(self, server: _Server, program: str, input_str: str, checked: bool = False) -> RunResult:
         if not checked:
