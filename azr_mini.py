@@ -341,7 +341,7 @@ def sample(policy: Policy, requests: list[Request], cfg: Config, timer: Timer, d
     with timer("generate"):
         completions = policy.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                       top_p=cfg.top_p, gen_batch_size=cfg.gen_batch_size,
-                                      stop_strings=[STOP])
+                                      stop_strings=[STOP], desc=desc)
     return [Episode(r, c.prompt_ids, c.ids, c.text, c.truncated, flags=alarming_phrases(c.text))
             for r, c in zip(requests, completions)]
 

