@@ -346,19 +346,22 @@ def sample(policy: Policy, requests: list[Request], cfg: Config, timer: Timer, d
             for r, c in zip(requests, completions)]
 
 
-def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: str) -> list[Request]:
+def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: str,
+                      task_types: tuple[str, ...] = TASK_TYPES) -> list[Request]:
     """batch_size proposals per task type. Deduction and abduction see K references from their own
     buffer; induction writes inputs for a program drawn from D_ded and D_abd."""
     requests = []
     for task_type, template in ((DEDUCTION, propose_deduction), (ABDUCTION, propose_abduction)):
+        if task_type not in task_types:
+            continue
         for _ in range(cfg.batch_size):
             references = rng.sample(buffers[task_type], min(cfg.n_references, len(buffers[task_type])))
             requests.append(Request(task_type, PROPOSE, template(references), phase))
-    programs = [t.program for t in buffers[DEDUCTION] + buffers[ABDUCTION]]
-    for _ in range(cfg.batch_size):
-        program = rng.choice(programs)
-        requests.append(Request(INDUCTION, PROPOSE, propose_induction(program, cfg.n_inputs), phase,
-                                program=program))
+    sources = buffers[DEDUCTION] + buffers[ABDUCTION]
+    for _ in range(cfg.batch_size if INDUCTION in task_types else 0):
+        source = rng.choice(sources)
+        requests.append(Request(INDUCTION, PROPOSE, propose_induction(source, cfg.n_inputs), phase,
+                                program=source.program))
     return requests
 
 
@@ -410,9 +413,10 @@ def seed_buffers(policy: Policy, executor: Executor, rng: random.Random, cfg: Co
     bar = tqdm(total=3 * target, desc="seeding buffers", unit="task", dynamic_ncols=True)
     bar.update(2)
     for round_ in range(cfg.seed_rounds):
-        if all(len(b) >= target for b in buffers.values()):
+        short = tuple(t for t in TASK_TYPES if len(buffers[t]) < target)   # propose only what is missing
+        if not short:
             break
-        episodes = sample(policy, proposer_requests(buffers, rng, cfg, "seed"), cfg, timer,
+        episodes = sample(policy, proposer_requests(buffers, rng, cfg, "seed", short), cfg, timer,
                           desc=f"seeding round {round_ + 1}")
         tasks = validate_proposals(executor, episodes, cfg, timer)
         for e, task in zip(episodes, tasks):
@@ -712,7 +716,11 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
             if cfg.resume:
                 raise SystemExit(f"error: --resume {cfg.resume}: no checkpoint found there")
             step = 0
-            buffers = seed_buffers(policy, executor, rng, cfg, timer, log)
+            try:
+                buffers = seed_buffers(policy, executor, rng, cfg, timer, log)
+            except KeyboardInterrupt:
+                print("\ninterrupted while seeding: nothing to save yet")
+                raise SystemExit(130) from None
             (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
         saved_step = step if checkpoint is not None else -1
         rng_at_step_start = (rng.getstate(), torch.get_rng_state())   # to drop an interrupted step

@@ -27,8 +27,8 @@ def answer(*blocks: tuple[str, str], think: str = "let me think") -> str:
 
 def kind_of(prompt: str) -> tuple[str, str]:
     """Which template a user message came from (see prompts.py)."""
-    markers = [("must work out the output", DEDUCTION, PROPOSE),
-               ("must find an input that produces", ABDUCTION, PROPOSE),
+    markers = [("must predict the output", DEDUCTION, PROPOSE),
+               ("must find an input that gives", ABDUCTION, PROPOSE),
                ("different inputs for it", INDUCTION, PROPOSE),
                ("What does this Python function return", DEDUCTION, SOLVE),
                ("Find an input for which", ABDUCTION, SOLVE),

@@ -1,0 +1,222 @@
+"""prompts.py: the six prompts, and parsers that read any string without raising."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import prompts
+from prompts import (
+    ABDUCTION,
+    DEDUCTION,
+    INDUCTION,
+    SEED_TRIPLET,
+    InductionProposal,
+    InductionTask,
+    Proposal,
+    Response,
+    Triplet,
+    fenced_blocks,
+    parse_induction_proposal,
+    parse_proposal,
+    parse_response,
+    parse_solution,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = Triplet("def f(x, k):\n    return [v * k for v in x]", "[1, 2], 3", "[3, 6]")
+
+
+def respond(*blocks: str, think: str = "plan") -> str:
+    """A well-formed completion as the model writes it after the <think> prefill."""
+    return f" {think} </think>\n<answer>\n" + "\n".join(blocks) + "\n</answer>"
+
+
+def block(tag: str, body: str) -> str:
+    return f"```{tag}\n{body}\n```"
+
+
+# ------------------------------------------------------------------------------------------------
+# Prompts
+
+
+def test_six_prompts_show_the_task_and_the_answer_layout():
+    ind = InductionTask("def f(a):\n    return a * 2", "doubles its argument", (("3", "6"), ("'ab'", "'abab'")), (("[1]", "[1, 1]"),))
+    for text, must in [
+        (prompts.propose_deduction([SEED_TRIPLET, SAMPLE]), ["```python\ndef f(a):", "'Hello world'", "[3, 6]", "predict the output"]),
+        (prompts.propose_abduction([SAMPLE]), [SAMPLE.program, "```input\n[1, 2], 3\n```", "find an input"]),
+        (prompts.propose_induction(SAMPLE, n_inputs=7), ["Write 7 different inputs", "```message\n", SAMPLE.program, "[1, 2], 3"]),
+        (prompts.solve_deduction(SAMPLE), [SAMPLE.program, "```input\n[1, 2], 3\n```", "```output\n"]),
+        (prompts.solve_abduction(SAMPLE), [SAMPLE.program, "```output\n[3, 6]\n```", "```input\n"]),
+        (prompts.solve_induction(ind), ["doubles its argument", "```input\n'ab'\n```", "```output\n'abab'\n```", "```python\n"]),
+    ]:
+        # every prompt ends with the exact layout of a response, which itself parses
+        assert text.endswith("\n</answer>") and parse_response(text[text.rindex("<think>") :]) is not None
+        for m in must:
+            assert m in text
+    # the solver never sees what it must produce
+    assert "[3, 6]" not in prompts.solve_deduction(SAMPLE)
+    assert "[1, 2], 3" not in prompts.solve_abduction(SAMPLE)
+    assert "[1, 1]" not in prompts.solve_induction(ind) and ind.program not in prompts.solve_induction(ind)
+
+
+def test_proposer_layout_example_parses_as_a_proposal():
+    text = prompts.propose_abduction([SAMPLE, SEED_TRIPLET])
+    proposal = parse_proposal(text[text.rindex("<think>") :])
+    assert proposal is not None and proposal.input == "['apple', 'apricot', 'banana'], 2"
+
+
+def test_proposer_rules_name_only_modules_the_executor_allows():
+    from executor import ALLOWED_MODULES, BANNED_MODULES
+
+    text = prompts.propose_deduction([SEED_TRIPLET])
+    shown = text.split("it may import only ")[1].split(". ")[0].split(", ")
+    assert shown == list(ALLOWED_MODULES[:10]) and not set(shown) & set(BANNED_MODULES)
+
+
+def test_proposer_layout_example_is_a_valid_program():
+    from executor import Executor
+
+    proposal = parse_proposal(" x </think><answer>" + prompts.EXAMPLE_PROPOSAL + "</answer>")
+    with Executor(timeout_s=5.0, workers=1) as ex:
+        assert ex.validate(proposal.program, proposal.input).status == "ok"
+
+
+def test_python_prompts_prints_all_six():
+    out = subprocess.run([sys.executable, "prompts.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for title in ["propose / deduction", "propose / abduction", "propose / induction", "solve / deduction", "solve / abduction", "solve / induction"]:
+        assert title in out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# parse_response
+
+
+def test_response_with_and_without_the_prefill():
+    assert parse_response("<think> a </think> <answer> b </answer>") == Response("a", "b")
+    assert parse_response(" a </think> <answer> b </answer>") == Response("a", "b")  # prefill not glued on
+    assert parse_response("<think></think><answer></answer>") == Response("", "")
+    assert parse_response("<think>a</think><answer>b</answer> trailing ramble") == Response("a", "b")
+
+
+def test_last_answer_wins_and_nesting():
+    assert parse_response("<think>a</think><answer>1</answer><answer>2</answer>").answer == "2"
+    assert parse_response("<think>x <answer>draft</answer> y</think><answer>final</answer>").answer == "final"
+    assert parse_response("<think>a</think><answer>out <answer>in</answer></answer>").answer == "in"
+    assert parse_response("<think><think>a</think><answer>b</answer>") == Response("a", "b")
+
+
+def test_response_format_errors():
+    for bad in [
+        "",
+        "no tags at all",
+        "<think>a</think>",  # no answer
+        "<think>a</think><answer>b",  # unclosed answer (cut off by the length limit)
+        "<think>a<answer>b</answer>",  # think never closed
+        "<answer>b</answer><think>a</think>",  # wrong order
+        "<think>a</think><answer>b</answer><answer>c",  # last answer unclosed
+        "</answer><answer></think>",
+    ]:
+        assert parse_response(bad) is None, bad
+
+
+# ------------------------------------------------------------------------------------------------
+# fenced blocks and the answer parsers
+
+
+def test_fenced_blocks():
+    text = "x ```python\ndef f(a):\n    return a\n``` y ```Input\n1, 2\n``` ```\nbare\n``` ```output 'inline'``` ```unclosed"
+    assert fenced_blocks(text) == [
+        ("python", "\ndef f(a):\n    return a\n"),
+        ("input", "\n1, 2\n"),
+        ("", "\nbare\n"),
+        ("output", " 'inline'"),
+    ]
+    assert fenced_blocks("") == [] and fenced_blocks("``````") == [("", "")]
+
+
+def test_parse_proposal():
+    prog = "def f(a):\n    return a[::-1]"
+    assert parse_proposal(respond(block("python", prog), block("input", "'abc'"))) == Proposal(prog, "'abc'")
+    # untagged code fence, indented block, last block wins
+    text = respond(block("python", "def f(a): return 0"), block("", "  def f(a):\n      return 1"), block("input", "1"), block("input", "2"))
+    assert parse_proposal(text) == Proposal("def f(a):\n    return 1", "2")
+    # blocks outside the answer do not count
+    assert parse_proposal(respond(block("input", "1"), think=block("python", prog))) is None
+    assert parse_proposal(respond(block("python", prog))) is None  # no input
+    assert parse_proposal(respond(block("input", "1"))) is None  # no program
+    assert parse_proposal(respond(block("python", prog), block("input", "  "))) is None  # empty input
+    assert parse_proposal(block("python", prog) + block("input", "1")) is None  # no tags
+
+
+def test_parse_induction_proposal():
+    inputs = [block("input", str(i)) for i in range(12)]
+    msg = block("message", "adds one")
+    got = parse_induction_proposal(respond(*inputs, msg), n_inputs=10)
+    assert got == InductionProposal(tuple(str(i) for i in range(2, 12)), "adds one")  # the last 10
+    assert parse_induction_proposal(respond(*inputs[:9], msg), n_inputs=10) is None  # too few
+    assert parse_induction_proposal(respond(*inputs), n_inputs=10) is None  # no message
+    assert parse_induction_proposal(respond(*inputs[:3], msg), n_inputs=3).inputs == ("0", "1", "2")
+
+
+def test_parse_solution():
+    assert parse_solution(DEDUCTION, respond(block("output", "[3, 6]"))) == "[3, 6]"
+    assert parse_solution(DEDUCTION, respond(block("", "[3, 6]"))) == "[3, 6]"  # untagged fence
+    assert parse_solution(DEDUCTION, " t </think><answer> 42 </answer>") == "42"  # bare answer
+    assert parse_solution(DEDUCTION, respond(block("input", "1"))) is None  # fenced, but no output
+    assert parse_solution(DEDUCTION, respond("")) is None  # empty answer
+    assert parse_solution(ABDUCTION, respond(block("input", "[1, 2], 3"))) == "[1, 2], 3"
+    assert parse_solution(ABDUCTION, respond(block("output", "[3, 6]"))) is None
+    prog = "def f(x):\n    return x"
+    assert parse_solution(INDUCTION, respond(block("python", prog))) == prog
+    assert parse_solution(INDUCTION, respond("def f(x): return x")) is None  # code must be fenced
+    assert parse_solution(INDUCTION, respond(block("python", "\n  \n"))) is None
+    assert parse_solution("nonsense", respond(block("output", "1"))) is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Robustness: never raise, linear time
+
+PARSERS = [
+    parse_response,
+    fenced_blocks,
+    parse_proposal,
+    parse_induction_proposal,
+    lambda s: parse_solution(DEDUCTION, s),
+    lambda s: parse_solution(ABDUCTION, s),
+    lambda s: parse_solution(INDUCTION, s),
+]
+PIECES = ["<think>", "</think>", "<answer>", "</answer>", "```", "```python\n", "```input\n", "```output\n", "```message\n", "\n", " ", "def f(a):\n    return a", "1, 2", "é", "\x00", "\ud800"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text())
+def test_parsers_never_raise_on_random_unicode(text):
+    for parse in PARSERS:
+        parse(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PIECES) | st.text(max_size=5), max_size=40).map("".join))
+def test_parsers_never_raise_on_tag_soup(text):
+    for parse in PARSERS:
+        parse(text)
+
+
+def test_parsers_are_fast_on_megabytes():
+    huge = [
+        "<answer>" * 200_000,
+        "</think>" * 200_000 + "<answer>" + "```input\n" * 100_000 + "</answer>",
+        "<think>" + "x" * 3_000_000 + "</think><answer>" + "```" * 300_000 + "</answer>",
+        "</think><answer>" + "```" + "a" * 2_000_000 + "</answer>",
+        "<think>" * 100_000 + "</think>" * 100_000 + "<answer>" * 100_000 + "</answer>" * 100_000,
+    ]
+    start = time.perf_counter()
+    for text in huge:
+        for parse in PARSERS:
+            parse(text)
+    assert time.perf_counter() - start < 5.0
