@@ -102,7 +102,7 @@ class Config:
     n_inputs: int = flag(6, "N: inputs an induction proposer writes; half shown, half hidden (paper: 10)")
     learnability_rollouts: int = flag(2, "n: solver rollouts on each new task for Eq. 4 (paper: 8)")
     seed_buffer_size: int = flag(3, "triplets each buffer should hold before training (paper: 256)")
-    seed_rounds: int = flag(6, "at most this many rounds of seeding proposals")
+    seed_rounds: int = flag(4, "at most this many rounds of seeding proposals (each fills one generation batch)")
     buffer_cap: int = flag(2000, "a buffer keeps its newest N tasks")
     reward_rule: str = flag(PAPER, "Eq. 6 for a valid proposal that is trivial or impossible: 'paper' "
                             "gives 0, 'official' (the authors' code) gives -0.5", choices=(PAPER, OFFICIAL))
@@ -347,18 +347,19 @@ def sample(policy: Policy, requests: list[Request], cfg: Config, timer: Timer, d
 
 
 def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: str,
-                      task_types: tuple[str, ...] = TASK_TYPES) -> list[Request]:
-    """batch_size proposals per task type. Deduction and abduction see K references from their own
-    buffer; induction writes inputs for a program drawn from D_ded and D_abd."""
+                      task_types: tuple[str, ...] = TASK_TYPES, per_type: int = 0) -> list[Request]:
+    """per_type (default batch_size) proposals per task type. Deduction and abduction see K references
+    from their own buffer; induction writes inputs for a program drawn from D_ded and D_abd."""
+    per_type = per_type or cfg.batch_size
     requests = []
     for task_type, template in ((DEDUCTION, propose_deduction), (ABDUCTION, propose_abduction)):
         if task_type not in task_types:
             continue
-        for _ in range(cfg.batch_size):
+        for _ in range(per_type):
             references = rng.sample(buffers[task_type], min(cfg.n_references, len(buffers[task_type])))
             requests.append(Request(task_type, PROPOSE, template(references), phase))
     sources = buffers[DEDUCTION] + buffers[ABDUCTION]
-    for _ in range(cfg.batch_size if INDUCTION in task_types else 0):
+    for _ in range(per_type if INDUCTION in task_types else 0):
         source = rng.choice(sources)
         requests.append(Request(INDUCTION, PROPOSE, propose_induction(source, cfg.n_inputs), phase,
                                 program=source.program))
@@ -416,7 +417,9 @@ def seed_buffers(policy: Policy, executor: Executor, rng: random.Random, cfg: Co
         short = tuple(t for t in TASK_TYPES if len(buffers[t]) < target)   # propose only what is missing
         if not short:
             break
-        episodes = sample(policy, proposer_requests(buffers, rng, cfg, "seed", short), cfg, timer,
+        # A round fills one generation batch: sampling 16 costs about the time of sampling 4.
+        per_type = max(cfg.batch_size, cfg.gen_batch_size // len(short))
+        episodes = sample(policy, proposer_requests(buffers, rng, cfg, "seed", short, per_type), cfg, timer,
                           desc=f"seeding round {round_ + 1}")
         tasks = validate_proposals(executor, episodes, cfg, timer)
         for e, task in zip(episodes, tasks):
