@@ -3,6 +3,7 @@ flag may be added) and prints the split generate / execute / update / everything
 memory. Target: everything other than generating and updating under 10% of a step.
 
     python bench/bench_step.py [--steps 2] [any azr_mini.py flag, e.g. --model tiny]
+    python bench/bench_step.py --from-run runs/<name>    # the same figures for a finished run
 """
 import json
 import sys
@@ -16,16 +17,22 @@ import azr_mini  # noqa: E402
 
 def main() -> None:
     argv = sys.argv[1:]
-    with tempfile.TemporaryDirectory() as tmp:
-        if "--run-dir" not in argv:
-            argv += ["--run-dir", tmp]
-        cfg = azr_mini.parse_args(argv)
-        start = time.perf_counter()
-        run_dir = azr_mini.train(cfg)
-        total = time.perf_counter() - start
+    if argv[:1] == ["--from-run"]:
+        run_dir = Path(argv[1])
+        cfg = azr_mini.Config(**json.loads((run_dir / "config.json").read_text()))
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    print(f"\nmodel {cfg.model}, preset {cfg.preset}, {len(steps)} steps, {total:.0f} s in all "
-          f"(loading and seeding included)")
+        print(f"run {run_dir}: model {cfg.model}, preset {cfg.preset}, {len(steps)} steps")
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            if "--run-dir" not in argv:
+                argv += ["--run-dir", tmp]
+            cfg = azr_mini.parse_args(argv)
+            start = time.perf_counter()
+            run_dir = azr_mini.train(cfg)
+            total = time.perf_counter() - start
+            steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        print(f"\nmodel {cfg.model}, preset {cfg.preset}, {len(steps)} steps, {total:.0f} s in all "
+              f"(loading and seeding included)")
     parts = ("generate", "execute", "update", "other")
     print(f"{'step':>4} " + " ".join(f"{p:>9}" for p in parts) + f" {'step s':>8} {'non gen/upd':>11}")
     for m in steps:

@@ -38,36 +38,41 @@ def raw():
         yield ex
 
 
-def _descendants(root: int) -> list[tuple[int, str]]:
-    """(pid, cmdline) of every live process below root, from /proc."""
-    children: dict[int, list[int]] = {}
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, real uid, cmdline) of every live process, from /proc."""
+    found = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
+                uid = int(Path(f"/proc/{entry}/status").read_text().split("\nUid:")[1].split()[0])
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except (OSError, IndexError):
                 continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    found, stack = [], [root]
-    while stack:
-        for pid in children.get(stack.pop(), []):
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except OSError:
-                continue
-            found.append((pid, cmd))
-            stack.append(pid)
+            found[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), uid, cmd)
     return found
 
 
+def _stray_processes() -> list:
+    """What may live after a call: the executors' servers (children of this process) and, per server,
+    at most one idle child forked for the next call (still root, waiting for its job). A process of
+    uid "nobody", or anything deeper, is a program's leftover."""
+    procs = _processes()
+    servers = {pid for pid, (ppid, _, cmd) in procs.items() if ppid == os.getpid() and "--serve" in cmd}
+    stray = [(pid, p) for pid, p in procs.items() if IS_ROOT and p[1] == 65534]
+    per_server: dict[int, int] = {}
+    for pid, (ppid, _, cmd) in procs.items():
+        if ppid in servers:
+            per_server[ppid] = per_server.get(ppid, 0) + 1
+        elif ppid in procs and procs[ppid][0] in servers:        # a grandchild of a server
+            stray.append((pid, procs[pid]))
+    stray += [(server, n) for server, n in per_server.items() if n > 1]
+    return stray
+
+
 def assert_no_stray_processes():
-    """Only the executors' warm servers may live below the test process: no program's child."""
     deadline = time.monotonic() + 2
-    while True:
-        stray = [(pid, cmd) for pid, cmd in _descendants(os.getpid()) if "--serve" not in cmd]
-        if not stray or time.monotonic() > deadline:
-            break
+    while (stray := _stray_processes()) and time.monotonic() < deadline:
         time.sleep(0.05)   # a killed child may take a moment to be reaped
     assert stray == []
 
@@ -322,7 +327,6 @@ def test_nothing_leaks_between_runs(raw):
         ("import os\ndef f(x):\n    return os.path.exists('leak.txt')", "False"),
         ("secret = 7\ndef f(x):\n    return secret", "7"),
         ("def f(x):\n    return 'secret' in globals()", "False"),
-        ("import threading, time\ndef f(x):\n    return 1", "1"),
         ("import json\njson.dumps = lambda *a, **k: 'patched'\ndef f(x):\n    return 5", "5"),
         ("import json\ndef f(x):\n    return json.dumps([1])", "'[1]'"),
     ]
@@ -464,3 +468,16 @@ def test_cruxeval_sample_validates_and_matches():
 @pytest.mark.slow
 def test_cruxeval_all_800_validate_and_match():
     _check_cruxeval(_cruxeval(sample=None))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="leftovers are recognised by the uid 'nobody', used only as root")
+def test_stray_process_check_sees_a_leftover():
+    """The check used after every hostile program is not vacuous: a process of uid nobody is caught."""
+    import subprocess
+    leftover = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+    try:
+        time.sleep(0.2)
+        assert any(pid == leftover.pid for pid, _ in _stray_processes())
+    finally:
+        leftover.kill()
+        leftover.wait()
