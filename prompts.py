@@ -39,9 +39,9 @@ Where we depart from the official code (and why):
   reference: every proposer wording tried gave 0-6 well-formed proposals in 16 (this one: 6/16,
   then 2/32 on a rerun), so at n = 16 the variants cannot be told apart. The usual failure is the
   model ending its turn right after the python block, with no input block and no "</answer>".
-- The proposer is told which modules it may import (the first ten of executor.ALLOWED_MODULES,
-  which is the executor's exact rule) rather than shown the 80 names of BANNED_MODULES: shorter,
-  and a subset of what runs. The official prompt bans keywords instead.
+- The proposer is shown the forbidden modules (executor.BANNED_MODULES, the paper's list and more)
+  and a few it may use (the executor also refuses any module it has not preloaded:
+  executor.ALLOWED_MODULES). The official prompt bans keywords instead.
 - Format check: the official code wants "<think>...</think>" immediately followed by "<answer>";
   we only ask that a closed think block comes before the last answer block (text in between is
   ignored). Simpler to state, and it lets "the last <answer> wins" mean what it says.
@@ -58,7 +58,7 @@ import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
-from executor import ALLOWED_MODULES
+from executor import ALLOWED_MODULES, BANNED_MODULES
 
 # ------------------------------------------------------------------------------------------------
 # Names defined once: task types, roles, format markers
@@ -183,8 +183,9 @@ def _propose_program(task_type: str, references: Sequence[Triplet]) -> str:
         f"Invent a new Python function `f` and one input for it, as a puzzle: {goal}\n\n"
         f"{existing} (yours must be different and harder):\n\n{refs}\n\n"
         "Rules: `f` takes at least one argument and returns a value; it is deterministic (no "
-        "randomness, time, printing or files); it may import only "
-        f"{', '.join(ALLOWED_MODULES[:10])}. {ARGS_RULE}\n\n"
+        "randomness, time, printing or files); it imports none of these modules: "
+        f"{', '.join(BANNED_MODULES)}; it may import {', '.join(ALLOWED_MODULES[:10])} and the like. "
+        f"{ARGS_RULE}\n\n"
         "Answer in exactly this layout (reasoning in <think>, then the two blocks in <answer>). "
         "Example:\n\n" + _layout("I will count words by their first n letters.", EXAMPLE_PROPOSAL)
     )

@@ -69,12 +69,14 @@ def test_proposer_layout_example_parses_as_a_proposal():
     assert proposal is not None and proposal.input == "['apple', 'apricot', 'banana'], 2"
 
 
-def test_proposer_rules_name_only_modules_the_executor_allows():
+def test_proposer_rules_list_the_banned_modules_and_some_allowed_ones():
     from executor import ALLOWED_MODULES, BANNED_MODULES
 
     text = prompts.propose_deduction([SEED_TRIPLET])
-    shown = text.split("it may import only ")[1].split(". ")[0].split(", ")
-    assert shown == list(ALLOWED_MODULES[:10]) and not set(shown) & set(BANNED_MODULES)
+    banned = text.split("it imports none of these modules: ")[1].split("; ")[0].split(", ")
+    allowed = text.split("it may import ")[1].split(" and the like")[0].split(", ")
+    assert banned == list(BANNED_MODULES)
+    assert allowed == list(ALLOWED_MODULES[:10]) and not set(allowed) & set(BANNED_MODULES)
 
 
 def test_proposer_layout_example_is_a_valid_program():
