@@ -30,14 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import random
 import re
 import resource
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -461,7 +459,7 @@ def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: ra
             requests += [Request(e.request.task_type, SOLVE, prompt, "learnability", task=task, proposal_index=k)
                          for _ in range(cfg.learnability_rollouts)]
     for task_type in TASK_TYPES:
-        candidates = buffers[task_type] + [t for t in new_tasks[task_type]]
+        candidates = buffers[task_type] + new_tasks[task_type]
         for task in draw_solve_batch(rng, candidates, new_tasks[task_type], cfg.batch_size):
             requests.append(Request(task_type, SOLVE, SOLVER_TEMPLATES[task_type](task), "solve", task=task))
     answers = sample(policy, requests, cfg, timer, desc="solve")
@@ -564,7 +562,7 @@ def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], bu
     m["responses"] = len(everything)
     m["executor/calls"] = executor_calls
     m.update({f"executor/{status}": count for status, count in sorted(statuses.items())})
-    m.update({k: v for k, v in update.items()})
+    m.update(update)
     step_total = timer.seconds["step"]
     for phase in ("generate", "execute", "update"):
         m[f"time/{phase}"] = round(timer.seconds[phase], 3)
@@ -589,9 +587,8 @@ def summary_line(m: dict) -> str:
 class RunLog:
     """metrics.jsonl (one line per step) and samples.jsonl (every proposal and answer) in the run dir."""
 
-    def __init__(self, run_dir: Path, policy: Policy | None = None):
+    def __init__(self, run_dir: Path):
         self.metrics_path, self.samples_path = run_dir / "metrics.jsonl", run_dir / "samples.jsonl"
-        self.policy = policy
 
     def metrics(self, m: dict) -> None:
         with open(self.metrics_path, "a") as fh:
@@ -705,7 +702,7 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
     policy = policy or build_policy(cfg)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
     rng = random.Random(cfg.seed)                   # buffers, references, solve batches
-    log = RunLog(run_dir, policy)
+    log = RunLog(run_dir)
     timer = Timer()
     with Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
                   workers=cfg.exec_workers or None) as executor:

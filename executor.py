@@ -65,6 +65,10 @@ import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 # This file is also the warm server's program, and every module the server imports makes each of
 # its forks slower: `threading` alone (imported by subprocess, queue and concurrent.futures) runs an
@@ -291,6 +295,10 @@ def safety_violations(program: str) -> list[str]:
         tree = _parse(program)
     except SyntaxError as exc:
         return [f"does not parse: {exc.msg}"]
+    return _tree_violations(tree)
+
+
+def _tree_violations(tree: ast.AST) -> list[str]:
     visitor = _SafetyVisitor()
     visitor.visit(tree)
     return visitor.violations
@@ -322,9 +330,7 @@ def _precheck(program: str, input_str: str, check_safety: bool) -> RunResult | N
         return None
     violations = []
     for tree, what in ((program_tree, "program"), (ast.Module(body=[ast.Expr(call)], type_ignores=[]), "input")):
-        visitor = _SafetyVisitor()
-        visitor.visit(tree)
-        violations += [f"{what}: {v}" for v in visitor.violations]
+        violations += [f"{what}: {v}" for v in _tree_violations(tree)]
     if violations:
         return RunResult("rejected", None, _short("; ".join(violations)), 0.0)
     return None
@@ -644,98 +650,94 @@ class _Child:
         os.close(result_write)
 
     def run(self, job: dict) -> dict:
+        """Hand the job over, wait for the child until the deadline, clean up, classify the outcome."""
         start = time.monotonic()
         try:
             os.write(self.job_write, json.dumps(job).encode())
         except BrokenPipeError:                         # the child died while waiting: crash below
             pass
         os.close(self.job_write)
-        return _wait_child(self, self.config["limits"], start)
+        pid, read_fd, out_fd, err_fd = self.pid, self.read_fd, self.out_fd, self.err_fd
+        limits = self.config["limits"]
+        deadline = start + limits["timeout_s"]
+        chunks, size, timed_out, exited = [], 0, False, False
+        status_word = None
+        with selectors.DefaultSelector() as selector:
+            selector.register(read_fd, selectors.EVENT_READ)
+            pidfd = _pidfd(pid)
+            if pidfd is not None:
+                selector.register(pidfd, selectors.EVENT_READ)
+            reading = True
+            while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    timed_out = True
+                    break
+                for key, _ in selector.select(min(remaining, 0.05 if pidfd is None else remaining)):
+                    if key.fd == read_fd:
+                        data = os.read(read_fd, 65536)
+                        if not data:
+                            selector.unregister(read_fd)
+                            reading = False
+                        elif size <= MAX_VALUE_CHARS * 8:
+                            chunks.append(data)
+                            size += len(data)
+                    elif key.fd == pidfd:
+                        exited = True
+                if not exited:
+                    done, word = os.waitpid(pid, os.WNOHANG)
+                    if done == pid:
+                        exited, status_word = True, word
+                if exited and not reading:
+                    break
+                if exited and reading:                      # result still in the pipe: drain it
+                    os.set_blocking(read_fd, False)
+                    try:
+                        while data := os.read(read_fd, 65536):
+                            chunks.append(data)
+                    except BlockingIOError:
+                        pass
+                    break
+            if pidfd is not None:
+                os.close(pidfd)
+        seconds = time.monotonic() - start
+        _kill_group(pid)
+        if status_word is None:
+            _, status_word = os.waitpid(pid, 0)
+        os.close(read_fd)
+        out_size = os.fstat(out_fd).st_size
+        err_size = os.fstat(err_fd).st_size
+        err_tail = _tail(self.err_path, err_size) if err_size else ""
+        for fd in (out_fd, err_fd):
+            os.close(fd)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
-
-def _wait_child(child: _Child, limits: dict, start: float) -> dict:
-    """Wait for a child until the deadline, clean up, and classify what happened."""
-    pid, read_fd, out_fd, err_fd, err_path = child.pid, child.read_fd, child.out_fd, child.err_fd, child.err_path
-    workdir = child.workdir
-    deadline = start + limits["timeout_s"]
-    chunks, size, timed_out, exited = [], 0, False, False
-    status_word = None
-    with selectors.DefaultSelector() as selector:
-        selector.register(read_fd, selectors.EVENT_READ)
-        pidfd = _pidfd(pid)
-        if pidfd is not None:
-            selector.register(pidfd, selectors.EVENT_READ)
-        reading = True
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            for key, _ in selector.select(min(remaining, 0.05 if pidfd is None else remaining)):
-                if key.fd == read_fd:
-                    data = os.read(read_fd, 65536)
-                    if not data:
-                        selector.unregister(read_fd)
-                        reading = False
-                    elif size <= MAX_VALUE_CHARS * 8:
-                        chunks.append(data)
-                        size += len(data)
-                elif key.fd == pidfd:
-                    exited = True
-            if not exited:
-                done, word = os.waitpid(pid, os.WNOHANG)
-                if done == pid:
-                    exited, status_word = True, word
-            if exited and not reading:
-                break
-            if exited and reading:                      # result still in the pipe: drain it
-                os.set_blocking(read_fd, False)
-                try:
-                    while data := os.read(read_fd, 65536):
-                        chunks.append(data)
-                except BlockingIOError:
-                    pass
-                break
-        if pidfd is not None:
-            os.close(pidfd)
-    seconds = time.monotonic() - start
-    _kill_group(pid)
-    if status_word is None:
-        _, status_word = os.waitpid(pid, 0)
-    os.close(read_fd)
-    out_size = os.fstat(out_fd).st_size
-    err_size = os.fstat(err_fd).st_size
-    err_tail = _tail(err_path, err_size) if err_size else ""
-    for fd in (out_fd, err_fd):
-        os.close(fd)
-    shutil.rmtree(workdir, ignore_errors=True)
-
-    cap = limits["max_output_chars"]
-    if timed_out:
-        return _reply("timeout", None, f"no result within {limits['timeout_s']:g} s", seconds)
-    if out_size > cap or err_size > cap:
-        return _reply("output_limit", None, f"printed more than {cap} characters", seconds)
-    status, _, text = b"".join(chunks).decode("utf-8", "replace").partition("\n")
-    if status == "ok":
-        return _reply("ok", text, None, seconds)
-    if status in STATUSES:
-        return _reply(status, None, text, seconds)
-    if os.WIFSIGNALED(status_word):
-        sig = os.WTERMSIG(status_word)
-        if sig == signal.SIGXCPU:
-            return _reply("timeout", None, "CPU time limit exceeded", seconds)
-        if sig == signal.SIGXFSZ:
-            return _reply("output_limit", None, "file size limit exceeded", seconds)
-        try:
-            reason = f"killed by signal {signal.Signals(sig).name}"
-        except ValueError:
-            reason = f"killed by signal {sig}"
-    else:
-        reason = f"exited with code {os.WEXITSTATUS(status_word)} before returning"
-    if "MemoryError" in err_tail:
-        return _reply("memory", None, "MemoryError", seconds)
-    last_line = err_tail.strip().splitlines()[-1:] or [""]
-    return _reply("crash", None, _short(f"{reason} {last_line[0]}".strip()), seconds)
+        cap = limits["max_output_chars"]
+        if timed_out:
+            return _reply("timeout", None, f"no result within {limits['timeout_s']:g} s", seconds)
+        if out_size > cap or err_size > cap:
+            return _reply("output_limit", None, f"printed more than {cap} characters", seconds)
+        status, _, text = b"".join(chunks).decode("utf-8", "replace").partition("\n")
+        if status == "ok":
+            return _reply("ok", text, None, seconds)
+        if status in STATUSES:
+            return _reply(status, None, text, seconds)
+        if os.WIFSIGNALED(status_word):
+            sig = os.WTERMSIG(status_word)
+            if sig == signal.SIGXCPU:
+                return _reply("timeout", None, "CPU time limit exceeded", seconds)
+            if sig == signal.SIGXFSZ:
+                return _reply("output_limit", None, "file size limit exceeded", seconds)
+            try:
+                reason = f"killed by signal {signal.Signals(sig).name}"
+            except ValueError:
+                reason = f"killed by signal {sig}"
+        else:
+            reason = f"exited with code {os.WEXITSTATUS(status_word)} before returning"
+        if "MemoryError" in err_tail:
+            return _reply("memory", None, "MemoryError", seconds)
+        last_line = err_tail.strip().splitlines()[-1:] or [""]
+        return _reply("crash", None, _short(f"{reason} {last_line[0]}".strip()), seconds)
 
 
 def _reply(status, value, error, seconds) -> dict:

@@ -1,7 +1,6 @@
 """The self-play loop: a scripted policy drives every branch; the tiny model runs it end to end."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path

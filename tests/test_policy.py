@@ -8,7 +8,7 @@ import torch
 
 import azr_mini
 import policy
-from policy import Completion, length_sorted_batches, load_policy, stop_end
+from policy import length_sorted_batches, load_policy, stop_end
 
 
 @pytest.fixture(scope="module", autouse=True)
