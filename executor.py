@@ -52,11 +52,14 @@ interpreter, which misses hash-order nondeterminism); the banned list is longer.
 from __future__ import annotations
 
 import ast
+import builtins
 import json
+import marshal
 import math
 import os
 import re
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -308,8 +311,12 @@ def _call_source(input_str: str) -> str:
     return f"f({input_str}\n)"   # newline: a trailing comment in the input cannot eat the ')'
 
 
-def _precheck(program: str, input_str: str, check_safety: bool) -> RunResult | None:
-    """Everything the host can decide without running: size, syntax, safety of program and input."""
+def _prepare(program: str, input_str: str, check_safety: bool) -> RunResult | bytes:
+    """Everything the host decides before anything runs: size, syntax, safety of program and input.
+    Returns the RunResult when the job cannot run, else the job for the child: the program and the
+    call f(input) compiled here and marshalled. Compiling in the host, once, spares both children
+    the parser and compiler, which cost about 0.6 ms of a call in a fresh fork (every page they
+    touch is a copy-on-write fault). compile() only translates; nothing of the program runs here."""
     if not isinstance(program, str) or not isinstance(input_str, str):
         return RunResult("error", None, "program and input must be strings", 0.0)
     if len(program) > MAX_PROGRAM_CHARS:
@@ -321,19 +328,27 @@ def _precheck(program: str, input_str: str, check_safety: bool) -> RunResult | N
     except SyntaxError as exc:
         return RunResult("error", None, _short(f"SyntaxError: {exc.msg} (line {exc.lineno})"), 0.0)
     try:
-        call = _parse(_call_source(input_str), mode="eval").body
+        call_tree = _parse(_call_source(input_str), mode="eval")
     except SyntaxError:
-        call = None
+        call_tree = None
+    call = getattr(call_tree, "body", None)
     if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "f"):
         return RunResult("error", None, _short(f"input is not a valid argument list: {input_str!r}"), 0.0)
-    if not check_safety:
-        return None
-    violations = []
-    for tree, what in ((program_tree, "program"), (ast.Module(body=[ast.Expr(call)], type_ignores=[]), "input")):
-        violations += [f"{what}: {v}" for v in _tree_violations(tree)]
-    if violations:
-        return RunResult("rejected", None, _short("; ".join(violations)), 0.0)
-    return None
+    if check_safety:
+        violations = []
+        for tree, what in ((program_tree, "program"), (ast.Module(body=[ast.Expr(call)], type_ignores=[]), "input")):
+            violations += [f"{what}: {v}" for v in _tree_violations(tree)]
+        if violations:
+            return RunResult("rejected", None, _short("; ".join(violations)), 0.0)
+    try:
+        # Errors found only by the compiler ('return' outside function, ...) are the program's.
+        # dont_inherit: this file's own `from __future__ import annotations` must not apply.
+        code = compile(program_tree, "<program>", "exec", dont_inherit=True)
+        call_code = compile(call_tree, "<input>", "eval", dont_inherit=True)
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        message = exc.msg if isinstance(exc, SyntaxError) else f"{type(exc).__name__}: {exc}"
+        return RunResult("error", None, _short(f"SyntaxError: {message}"), 0.0)
+    return marshal.dumps((code, call_code))
 
 
 def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
@@ -452,28 +467,25 @@ def _to_literal(value) -> tuple[str, str]:
 
 def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: int, workdir: str) -> None:
     """Set up the jail, wait for the job, run f(*input), write the result to result_fd. The child is
-    forked before its job arrives (see _Child), so the first half of the setup costs no latency."""
-    import builtins
+    forked before its job arrives (see _Child), so the first half of the setup costs no latency.
+    Every line here runs once per call, in a fresh copy of the server, and each page of memory it
+    writes to costs a copy-on-write fault (about 5 us here): the setup is a few system calls, and
+    all that can be prepared once (limits, import guard, padding) is prepared by the server."""
     try:
         os.setsid()                                    # own session: killpg reaches all it starts
-        _die_with_parent()
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(devnull, 0)
+        os.dup2(_devnull, 0)
         os.dup2(out_fd, 1)
         os.dup2(err_fd, 2)
-        keep = sorted({0, 1, 2, job_fd, result_fd})
-        for low, high in zip(keep, keep[1:] + [resource.getrlimit(resource.RLIMIT_NOFILE)[0]]):
-            os.closerange(low + 1, high)               # drop the server's protocol pipes
+        low, high = sorted((job_fd, result_fd))        # both above 2: the server's 0, 1, 2 are open
+        os.closerange(3, low)                          # drop the server's protocol pipes
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, _max_fd)
         os.chdir(workdir)
-        limits = config["limits"]
-        mem = limits["memory_mb"] * 1024 * 1024
-        cpu = int(math.ceil(limits["timeout_s"])) + 1
-        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limits["max_output_chars"] + 1,) * 2)
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        os.environ.clear()
-        job = json.loads(_read_all(job_fd))            # blocks until the server hands over a job
+        for which, limit in config["rlimits"]:
+            resource.setrlimit(which, limit)
+        # Blocks until the server hands over a job; if the server dies first, this reads EOF and
+        # the child exits, so PDEATHSIG is needed only from here on.
+        code, call_code = marshal.loads(_read_all(job_fd))   # compiled by the host (_prepare)
         os.close(job_fd)
         # Root is dropped only now, so that no idle child ever runs as "nobody": after a call, a
         # process of that uid can only be a program's leftover (the tests look for them).
@@ -481,33 +493,20 @@ def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: 
             os.setgroups([])
             os.setgid(_NOBODY)
             os.setuid(_NOBODY)
-            _die_with_parent()                         # setuid clears the setting
+        _die_with_parent()                             # after setuid, which would clear it
         resource.setrlimit(resource.RLIMIT_NPROC, (0, 0))
-        _padding = [bytearray(b) for b in os.urandom(64)]   # noqa: F841  ids differ between runs
     except BaseException as exc:                       # the jail failed: never run the program
         _child_write(result_fd, "crash", f"sandbox setup failed: {exc!r}")
         return
 
-    write, encode, exit_now = os.write, str.encode, os._exit
-    real_import = builtins.__import__
-    check_safety = config["check_safety"]
-
-    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if check_safety and (not _module_allowed(name) or level):
-            raise ImportError(f"import of '{name}' is not allowed")
-        return real_import(name, globals, locals, fromlist, level)
-
-    if check_safety:
-        builtins.__import__ = guarded_import
-        sys.meta_path[:] = []                          # no module is loaded from disk any more
-        sys.path[:] = []
+    write, encode, exit_now = os.write, str.encode, os._exit   # before the program can patch os
     namespace = {"__name__": "__azr_task__", "__builtins__": builtins}
     try:
-        exec(compile(job["program"], "<program>", "exec"), namespace)
+        exec(code, namespace)
         if not callable(namespace.get("f")):
             status, text = "error", "NameError: the program defines no function f"
         else:
-            value = eval(compile(_call_source(job["input"]), "<input>", "eval"), namespace)
+            value = eval(call_code, namespace)
             status, text = _to_literal(value)
     except MemoryError:
         status, text = "memory", "MemoryError"
@@ -552,7 +551,12 @@ def _child_write(fd: int, status: str, text: str, write=os.write, encode=str.enc
 # --------------------------------------------------------------------------------------------------
 
 _NOBODY = 65534
-_capture_dir = tempfile.gettempdir()   # replaced by a private folder when the server starts
+# Set up once per server by _server_setup(): the children's stdin, and a root-only folder (0711, so
+# "nobody" can enter its own subfolder but not list or create anything) for the working directories.
+_devnull = -1
+_max_fd = 0
+_run_root = ""
+_run_count = 0
 
 
 def _load_prctl():
@@ -592,18 +596,18 @@ def _enter_private_namespaces() -> bool:
         return False
 
 
-def _serve(config: dict) -> None:
-    """Server loop: read one JSON job per line on stdin, answer one JSON result per line.
-    config holds the Executor's limits and check_safety, the same for every job."""
+def _server_setup() -> bool:
+    """Once per server, before the first fork: namespaces, folders, and every module a child may use.
+    Returns whether the private namespaces are in place."""
     import importlib
-    global _prctl, _capture_dir
+    global _prctl, _devnull, _max_fd, _run_root
     _prctl = _load_prctl()
     _die_with_parent()
-    requests = sys.stdin.buffer
-    replies = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)        # a stray print never corrupts the protocol
     isolated = _enter_private_namespaces()
-    _capture_dir = tempfile.mkdtemp(prefix="azr-io-")    # root-only (0700): the program cannot reach it
+    _devnull = os.open(os.devnull, os.O_RDONLY)
+    _max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    _run_root = tempfile.mkdtemp(prefix="azr-run-")
+    os.chmod(_run_root, 0o711)
     import encodings
     import pkgutil
     # Every codec too: Python loads them on first use (CRUXEval has "abc".encode("shift_jis")).
@@ -612,30 +616,86 @@ def _serve(config: dict) -> None:
             importlib.import_module(module)
         except Exception:
             pass
-    # Warm up: the first compile() and the first fork of a fresh interpreter are slow.
-    _Child(config).run({"program": "def f(a):\n    return a", "input": "'warm'"})
+    os.environ.clear()                                  # children inherit an empty environment
+    return isolated
+
+
+def _child_rlimits(limits: dict) -> list[tuple[int, tuple[int, int]]]:
+    """The resource limits every child sets on itself (RLIMIT_NPROC comes after the uid drop)."""
+    memory = limits["memory_mb"] * 1024 * 1024
+    cpu_s = int(math.ceil(limits["timeout_s"])) + 1   # a backstop: the server's deadline comes first
+    output = limits["max_output_chars"] + 1           # also caps the captured stdout and stderr
+    return [(resource.RLIMIT_AS, (memory, memory)), (resource.RLIMIT_CPU, (cpu_s, cpu_s + 1)),
+            (resource.RLIMIT_FSIZE, (output, output)), (resource.RLIMIT_CORE, (0, 0))]
+
+
+def _install_import_guard() -> None:
+    """From here on no module is read from disk, and a banned module is refused even when it is
+    loaded. Installed in the server once its own imports are done; every child inherits it."""
+    real_import = builtins.__import__
+
+    def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if not _module_allowed(name) or level:
+            raise ImportError(f"import of '{name}' is not allowed")
+        return real_import(name, globals, locals, fromlist, level)
+
+    builtins.__import__ = guarded_import
+    sys.meta_path[:] = []
+    sys.path[:] = []
+
+
+def _serve(config: dict) -> None:
+    """Server loop. A job is its length on a line, then that many bytes: the marshalled code from
+    _prepare, passed to the child as it came. Each reply is one JSON line. config holds the
+    Executor's limits and check_safety, the same for every job."""
+    requests = sys.stdin.buffer
+    replies = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)        # a stray print never corrupts the protocol
+    isolated = _server_setup()
+    config = dict(config, rlimits=_child_rlimits(config["limits"]))
+    _Child(config).run(_prepare("def f(a):\n    return a", "'warm'", True))   # the first fork is slow
     import gc
     gc.freeze()                                         # fewer copy-on-write page faults per fork
+    if config["check_safety"]:
+        _install_import_guard()
     replies.write(json.dumps({"ready": True, "isolated": isolated}).encode() + b"\n")
     child = _Child(config)
-    for line in requests:
-        reply = child.run(json.loads(line))
+    for header in requests:
+        reply = child.run(requests.read(int(header)))
         replies.write(json.dumps(reply).encode() + b"\n")
         child = _Child(config)                          # forked while the host reads the reply
 
 
+def _capture_file(name: str) -> int:
+    """An anonymous file for a child's stdout or stderr: in memory, with no name anyone could open."""
+    try:
+        return os.memfd_create(name)
+    except (AttributeError, OSError):                   # not Linux: an unlinked file instead
+        fd, path = tempfile.mkstemp(dir=_run_root)
+        os.unlink(path)
+        return fd
+
+
 class _Child:
-    """One sandboxed child, forked ahead of its job: fork and most of the jail setup (about 1.5 ms)
-    happen while the server would otherwise wait for the next request. Used once."""
+    """One sandboxed child, forked ahead of its job: fork and most of the jail setup happen while
+    the server would otherwise wait for the next request. Used once.
+
+    The server runs this between every two forks, and each page it writes to while a child is alive
+    costs a copy-on-write fault: it is kept to plain system calls (no tempfile, selectors or shutil
+    on the common path)."""
 
     def __init__(self, config: dict) -> None:
+        global _run_count
         self.config = config
-        self.workdir = tempfile.mkdtemp(prefix="azr-run-")
-        self.out_path, self.err_path = os.path.join(_capture_dir, "stdout"), os.path.join(_capture_dir, "stderr")
-        self.out_fd = os.open(self.out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.err_fd = os.open(self.err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _run_count += 1
+        self.workdir = f"{_run_root}/{_run_count}"
+        os.mkdir(self.workdir, 0o700)
         if os.getuid() == 0:
             os.chown(self.workdir, _NOBODY, _NOBODY)
+        # A random amount of padding, allocated here so the child inherits it for free: the
+        # child's objects land at addresses that differ from call to call (id() is caught).
+        self.padding = [bytearray(size) for size in os.urandom(64)]
+        self.out_fd, self.err_fd = _capture_file("stdout"), _capture_file("stderr")
         job_read, self.job_write = os.pipe()
         self.read_fd, result_write = os.pipe()
         self.pid = os.fork()
@@ -649,57 +709,57 @@ class _Child:
         os.close(job_read)
         os.close(result_write)
 
-    def run(self, job: dict) -> dict:
-        """Hand the job over, wait for the child until the deadline, clean up, classify the outcome."""
+    def run(self, job: bytes) -> dict:
+        """Hand the job (from _prepare) over, wait for the child until the deadline, clean up, classify
+        the outcome."""
         start = time.monotonic()
         try:
-            os.write(self.job_write, json.dumps(job).encode())
+            os.write(self.job_write, job)
         except BrokenPipeError:                         # the child died while waiting: crash below
             pass
         os.close(self.job_write)
         pid, read_fd, out_fd, err_fd = self.pid, self.read_fd, self.out_fd, self.err_fd
         limits = self.config["limits"]
         deadline = start + limits["timeout_s"]
-        chunks, size, timed_out, exited = [], 0, False, False
+        chunks, size, timed_out, exited, reading = [], 0, False, False, True
         status_word = None
-        with selectors.DefaultSelector() as selector:
-            selector.register(read_fd, selectors.EVENT_READ)
-            pidfd = _pidfd(pid)
-            if pidfd is not None:
-                selector.register(pidfd, selectors.EVENT_READ)
-            reading = True
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    timed_out = True
-                    break
-                for key, _ in selector.select(min(remaining, 0.05 if pidfd is None else remaining)):
-                    if key.fd == read_fd:
-                        data = os.read(read_fd, 65536)
-                        if not data:
-                            selector.unregister(read_fd)
-                            reading = False
-                        elif size <= MAX_VALUE_CHARS * 8:
-                            chunks.append(data)
-                            size += len(data)
-                    elif key.fd == pidfd:
-                        exited = True
-                if not exited:
-                    done, word = os.waitpid(pid, os.WNOHANG)
-                    if done == pid:
-                        exited, status_word = True, word
-                if exited and not reading:
-                    break
-                if exited and reading:                      # result still in the pipe: drain it
-                    os.set_blocking(read_fd, False)
-                    try:
-                        while data := os.read(read_fd, 65536):
-                            chunks.append(data)
-                    except BlockingIOError:
-                        pass
-                    break
-            if pidfd is not None:
-                os.close(pidfd)
+        poller = select.poll()
+        poller.register(read_fd, select.POLLIN)
+        pidfd = _pidfd(pid)                             # readable once the child has exited
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            wait_s = remaining if pidfd is not None else min(remaining, 0.05)
+            for fd, _ in poller.poll(wait_s * 1000):
+                if fd == read_fd:
+                    data = os.read(read_fd, 65536)
+                    if not data:
+                        poller.unregister(read_fd)
+                        reading = False
+                    elif size <= MAX_VALUE_CHARS * 8:
+                        chunks.append(data)
+                        size += len(data)
+                else:
+                    exited = True
+            if not exited:
+                done, word = os.waitpid(pid, os.WNOHANG)
+                if done == pid:
+                    exited, status_word = True, word
+            if exited and reading:                      # result still in the pipe: drain it
+                os.set_blocking(read_fd, False)
+                try:
+                    while data := os.read(read_fd, 65536):
+                        chunks.append(data)
+                except BlockingIOError:
+                    pass
+            if exited:
+                break
+        if pidfd is not None:
+            os.close(pidfd)
         seconds = time.monotonic() - start
         _kill_group(pid)
         if status_word is None:
@@ -707,10 +767,13 @@ class _Child:
         os.close(read_fd)
         out_size = os.fstat(out_fd).st_size
         err_size = os.fstat(err_fd).st_size
-        err_tail = _tail(self.err_path, err_size) if err_size else ""
-        for fd in (out_fd, err_fd):
-            os.close(fd)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        err_tail = os.pread(err_fd, 2000, max(0, err_size - 2000)).decode("utf-8", "replace") if err_size else ""
+        os.close(out_fd)
+        os.close(err_fd)
+        try:
+            os.rmdir(self.workdir)                      # the common case: the program wrote nothing
+        except OSError:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
         cap = limits["max_output_chars"]
         if timed_out:
@@ -760,12 +823,6 @@ def _kill_group(pid: int) -> None:
             pass
 
 
-def _tail(path: str, size: int, n: int = 2000) -> str:
-    with open(path, "rb") as fh:
-        fh.seek(max(0, size - n))
-        return fh.read(n).decode("utf-8", "replace")
-
-
 # --------------------------------------------------------------------------------------------------
 # The host side: a pool of warm servers, two hash seeds per worker
 # --------------------------------------------------------------------------------------------------
@@ -796,22 +853,22 @@ class _Server:
             raise RuntimeError("the executor's server process did not start")
         self.isolated = bool(json.loads(hello).get("isolated"))
 
-    def call(self, job: dict) -> RunResult:
+    def call(self, job: bytes) -> RunResult:
         self.send(job)
-        return self.receive(job)
+        return self.receive()
 
-    def send(self, job: dict) -> bool:
+    def send(self, job: bytes) -> bool:
         """Hand a job to the server (restarted first if it died). False if it could not be sent."""
         if self.proc is None or self.proc.poll() is not None:
             self.start()
         try:
-            self.proc.stdin.write(json.dumps(job).encode() + b"\n")
+            self.proc.stdin.write(b"%d\n%s" % (len(job), job))
             self.proc.stdin.flush()
             return True
         except (BrokenPipeError, OSError):
             return False
 
-    def receive(self, job: dict) -> RunResult:
+    def receive(self) -> RunResult:
         """The job's result; a server that died or hangs is stopped and the job counts as a crash."""
         line = None
         if self.proc is not None:
@@ -933,27 +990,27 @@ class Executor:
             self.statuses[result.status] += 1
         return result
 
-    def _job(self, program: str, input_str: str, runs: int) -> dict:
+    def _count_calls(self, runs: int) -> None:
         with self._lock:
             self.calls += runs
-        return {"program": program, "input": input_str}
 
     def _run_on(self, server: _Server, program: str, input_str: str) -> RunResult:
-        rejected = _precheck(program, input_str, self.check_safety)
-        if rejected is not None:
-            return rejected
-        return server.call(self._job(program, input_str, runs=1))
+        job = _prepare(program, input_str, self.check_safety)
+        if isinstance(job, RunResult):                  # rejected or broken: nothing runs
+            return job
+        self._count_calls(1)
+        return server.call(job)
 
     def _validate_on(self, pair: tuple[_Server, _Server], program: str, input_str: str) -> RunResult:
-        rejected = _precheck(program, input_str, self.check_safety)
-        if rejected is not None:
-            return rejected
+        job = _prepare(program, input_str, self.check_safety)
+        if isinstance(job, RunResult):
+            return job
         # Both hash seeds at once: the two children run side by side, and the second run costs
         # little more wall time than the first.
-        job = self._job(program, input_str, runs=2)
+        self._count_calls(2)
         for server in pair:
             server.send(job)
-        first, second = (server.receive(job) for server in pair)
+        first, second = (server.receive() for server in pair)
         if first.status != "ok":
             return first
         seconds = first.seconds + second.seconds
