@@ -150,6 +150,8 @@ HOSTILE = [
     Hostile("__import__", "def f(x):\n    return __import__('os').getpid()", "1", "rejected", "ok"),
     Hostile("importlib", "import importlib\ndef f(x):\n    return importlib.import_module('os').sep", "1",
             "rejected", "ok"),
+    Hostile("the executor module, loaded in its server",
+            "import executor\ndef f(x):\n    return executor._max_fd", "1", "rejected", None),
     Hostile("__builtins__ dict", "def f(x):\n    return __builtins__['eval']('1+1')", "1", "rejected", None),
     Hostile("sys.modules", "import sys\ndef f(x):\n    return sys.modules['os'].getcwd()", "1", "rejected", None),
     Hostile("string-built name in eval", "def f(x):\n    return eval('__imp' + 'ort__(\"os\")')", "1",
