@@ -17,17 +17,21 @@ How one call runs (two layers):
     - a static AST check before anything runs: banned modules, banned builtins (eval, exec, open, ...),
       dunder attributes used to climb out (__class__, __globals__, ...), frame attributes; the
       input text is checked the same way, as the argument list of a call f(...);
+    - the host then compiles the program and the call f(input) (compiling runs nothing) and sends
+      the marshalled code; the child only unmarshals and runs it;
     - in the child, imports are limited to modules loaded before the call (no new module is read
       from disk) and banned modules are refused even when already loaded.
   operating-system layer (child):
     - a fresh process per call, forked from a warm server that has the allowed modules imported
       (about 1 ms, against about 35 ms for a new interpreter), in its own session, SIGKILLed with
-      its whole process group at the deadline;
+      its whole process group at the deadline. A fork costs in proportion to the server's memory,
+      and every page the child writes costs a copy-on-write fault, so the server stays small and
+      prepares once what every child needs (limits, import guard); see _serve and _child_main;
     - resource limits: address space, CPU time, file size (which also caps captured output),
       no core files, and no new processes (RLIMIT_NPROC = 0; the kernel ignores it for root, so a
       root child first drops to the uid "nobody");
-    - stdin from /dev/null, stdout/stderr captured into capped files, a scrubbed environment, a
-      fresh temporary working directory removed afterwards;
+    - stdin from /dev/null, stdout/stderr captured into capped in-memory files, an empty
+      environment, a fresh working directory removed afterwards;
     - when the server runs as root it also enters a private network namespace (no network at all)
       and a private mount namespace with a fresh tmpfs on /tmp, /var/tmp and /dev/shm, so files a
       program writes there never reach the real machine;
@@ -36,8 +40,8 @@ How one call runs (two layers):
       it with a restricted literal parser (`parse_literal`), never with eval.
 
 Determinism is checked in two interpreters started with different PYTHONHASHSEED values, so hash(),
-string-set order and the like differ between the two runs; each child also allocates a random
-amount of padding before running, so id() and addresses differ too.
+string-set order and the like differ between the two runs; the server also allocates a random
+amount of padding before each fork, so id() and addresses differ too.
 
 What is NOT covered: this is not a security boundary against a determined attacker. A kernel
 exploit, a bug in CPython, or a side channel gets out. Without root (a student's laptop) there is no
@@ -718,9 +722,8 @@ class _Child:
     """One sandboxed child, forked ahead of its job: fork and most of the jail setup happen while
     the server would otherwise wait for the next request. Used once.
 
-    The server runs this between every two forks, and each page it writes to while a child is alive
-    costs a copy-on-write fault: it is kept to plain system calls (no tempfile, selectors or shutil
-    on the common path)."""
+    The server runs this between every two forks, and after a fork each page it writes to costs a
+    page fault: it is kept to plain system calls."""
 
     def __init__(self, config: dict) -> None:
         global _run_count

@@ -384,6 +384,42 @@ def test_run_many_keeps_order_with_mixed_outcomes(safe):
     assert errors[0].startswith("ZeroDivisionError") and "SyntaxError" in errors[2] and "defines no function f" in errors[3]
 
 
+def test_errors_the_compiler_finds_are_the_programs_errors(safe):
+    """The host compiles each job; what only the compiler rejects is an "error", like a parse error."""
+    for program in ("return 1\ndef f(x):\n    return x", "def f(x):\n    break", "def f(x):\n    nonlocal y"):
+        result = safe.run(program, "1")
+        assert result.status == "error" and result.error.startswith("SyntaxError"), (program, result)
+    # the executor's own `from __future__ import annotations` does not leak into programs: the
+    # annotation is the local x, evaluated at definition (a postponed one would be a NameError)
+    result = safe.run("import typing\ndef f(x):\n    def g(a: x):\n        return a\n"
+                      "    return typing.get_type_hints(g)['a']", "1")
+    assert result.status == "ok" and result.value == "1"
+
+
+def test_text_codecs_are_preloaded(safe):
+    """The child cannot load a codec from disk; every text codec is loaded before it forks."""
+    for codec in ("shift_jis", "gbk", "big5", "euc_kr", "cp1252", "utf_16", "idna", "cp437"):
+        result = safe.validate(f"def f(s):\n    return s.encode({codec!r}).decode({codec!r})", "'abc'")
+        assert result.status == "ok" and result.value == "'abc'", (codec, result)
+
+
+def test_working_directory_is_removed_with_what_the_program_left(tmp_path):
+    """A program's files, folders and links go with its working directory; a link is not followed."""
+    keep = tmp_path / "keep.txt"
+    keep.write_text("x")
+    os.chmod(tmp_path, 0o755)
+    program = ("import os\ndef f(target):\n    os.makedirs('a/b')\n    open('a/b/c.txt', 'w').write('x')\n"
+               "    os.symlink(target, 'link')\n    os.symlink(os.path.dirname(target), 'a/dirlink')\n"
+               "    return os.getcwd()")
+    with Executor(workers=1, check_safety=False) as ex:
+        workdir = ex.run(program, repr(str(keep))).value
+        assert workdir is not None
+        # the next child runs in the same server, so it sees the same (possibly private) /tmp
+        gone = ex.run("import os\ndef f(path):\n    return os.path.exists(path)", workdir)
+    assert gone.status == "ok" and gone.value == "False"
+    assert keep.read_text() == "x"
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError):
         Executor(timeout_s=0)
