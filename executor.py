@@ -869,6 +869,7 @@ def _kill_group(pid: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 HASH_SEEDS = (1, 2)   # fixed, so a run is reproducible; different, so validate() sees hash order
+_SERVER_GRACE_S = 30.0   # a server that has not answered timeout_s + this after a job hangs
 
 
 class _Server:
@@ -919,7 +920,7 @@ class _Server:
         line = None
         if self.proc is not None:
             try:
-                line = self._read_line(timeout_s=self.config["limits"]["timeout_s"] + 30)
+                line = self._read_line(timeout_s=self.config["limits"]["timeout_s"] + _SERVER_GRACE_S)
             except OSError:
                 pass
         if line is None:
@@ -1030,6 +1031,10 @@ class Executor:
         pair = self._slots.get()
         try:
             result = work(pair)
+        except BaseException:                  # Ctrl-C: an unread reply must not reach the next call
+            for server in pair:
+                server.stop()
+            raise
         finally:
             self._slots.put(pair)
         with self._lock:

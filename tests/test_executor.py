@@ -8,6 +8,7 @@ process survived and that a clean program still gives the right answer.
 import json
 import os
 import random
+import signal
 import socket
 import threading
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import executor
 from executor import (BANNED_MODULES, Executor, RunResult, parse_literal, safety_violations,
                       same_value)
 
@@ -345,6 +347,34 @@ def test_server_killed_from_outside_is_restarted():
             if server.proc is not None:
                 server.proc.kill()
                 server.proc.wait()
+        assert_still_healthy(ex)
+
+
+def test_hung_server_counts_as_a_crash_and_is_replaced(monkeypatch):
+    monkeypatch.setattr(executor, "_SERVER_GRACE_S", 1.0)
+    with Executor(timeout_s=0.5, workers=1) as ex:
+        assert_still_healthy(ex)
+        os.kill(ex._servers[0].proc.pid, signal.SIGSTOP)
+        start = time.monotonic()
+        result = ex.run(*CLEAN[:2])
+        assert result.status == "crash" and "died" in result.error and time.monotonic() - start < 5
+        assert_still_healthy(ex)
+        assert _stray_processes() == []
+
+
+def test_an_interrupted_call_leaves_no_stale_reply(monkeypatch):
+    """Ctrl-C while waiting for a server: the next call must not read the old call's reply."""
+    real_receive = executor._Server.receive
+
+    def interrupted(self):
+        monkeypatch.setattr(executor._Server, "receive", real_receive)
+        raise KeyboardInterrupt
+
+    with Executor(timeout_s=1.0, workers=1) as ex:
+        monkeypatch.setattr(executor._Server, "receive", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ex.run("def f(x):\n    return 'old'", "1")
+        assert ex.run("def f(x):\n    return 'new'", "1").value == "'new'"
         assert_still_healthy(ex)
 
 
