@@ -67,6 +67,7 @@ import select
 import signal
 import sys
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -282,11 +283,15 @@ class _SafetyVisitor(ast.NodeVisitor):
 
 _ESCAPE_ATTRIBUTES = _escape_attributes()
 
+# Compiling model-written text can warn ('"is" with a literal', an invalid escape): that is the
+# program's business, not the trainer's, so those warnings are silenced, for these file names only.
+warnings.filterwarnings("ignore", module=r"<(program|input|literal)>\Z")
 
-def _parse(source: str, mode: str = "exec") -> ast.AST:
+
+def _parse(source: str, filename: str, mode: str = "exec") -> ast.AST:
     """ast.parse that turns every failure (deep nesting, memory, null bytes) into SyntaxError."""
     try:
-        return ast.parse(source, mode=mode)
+        return ast.parse(source, filename, mode)
     except SyntaxError:
         raise
     except (ValueError, RecursionError, MemoryError) as exc:
@@ -298,7 +303,7 @@ def safety_violations(program: str) -> list[str]:
     if len(program) > MAX_PROGRAM_CHARS:
         return [f"program is longer than {MAX_PROGRAM_CHARS} characters"]
     try:
-        tree = _parse(program)
+        tree = _parse(program, "<program>")
     except SyntaxError as exc:
         return [f"does not parse: {exc.msg}"]
     return _tree_violations(tree)
@@ -327,11 +332,11 @@ def _prepare(program: str, input_str: str, check_safety: bool) -> RunResult | by
     if len(input_str) > MAX_INPUT_CHARS:
         return RunResult("rejected", None, f"input is longer than {MAX_INPUT_CHARS} characters", 0.0)
     try:
-        program_tree = _parse(program)
+        program_tree = _parse(program, "<program>")
     except SyntaxError as exc:
         return RunResult("error", None, _short(f"SyntaxError: {exc.msg} (line {exc.lineno})"), 0.0)
     try:
-        call_tree = _parse(_call_source(input_str), mode="eval")
+        call_tree = _parse(_call_source(input_str), "<input>", mode="eval")
     except SyntaxError:
         call_tree = None
     call = getattr(call_tree, "body", None)
@@ -372,7 +377,7 @@ def parse_literal(text: str):
     if not isinstance(text, str) or len(text) > MAX_LITERAL_CHARS:
         raise ValueError("not a string or too long")
     try:
-        tree = _parse(text.strip(), mode="eval")
+        tree = _parse(text.strip(), "<literal>", mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"not a literal: {exc.msg}") from None
 

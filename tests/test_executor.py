@@ -10,6 +10,8 @@ import os
 import random
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -424,6 +426,19 @@ def test_errors_the_compiler_finds_are_the_programs_errors(safe):
     result = safe.run("import typing\ndef f(x):\n    def g(a: x):\n        return a\n"
                       "    return typing.get_type_hints(g)['a']", "1")
     assert result.status == "ok" and result.value == "1"
+
+
+def test_compiling_model_code_prints_no_warnings_in_the_trainer():
+    """The host compiles model programs; their SyntaxWarnings must not reach the trainer's stderr."""
+    script = ("from executor import Executor, same_value\n"
+              "with Executor(workers=1) as ex:\n"
+              "    assert ex.run('def f(x):\\n    return (x is 1, \"\\\\d\")', '\"\\\\d\"').status == 'ok'\n"
+              "    assert ex.run('def f(x):\\n    return (1, 2)(3)', '1').status == 'error'\n"
+              "assert same_value('\"\\\\d\"', '\"\\\\d\"')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
 
 
 def test_text_codecs_are_preloaded(safe):
