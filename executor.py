@@ -520,12 +520,7 @@ def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: 
         status, text = "memory", "MemoryError"
     except BaseException as exc:                       # SystemExit and KeyboardInterrupt too
         status, text = "error", _describe(exc)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:
-        pass
-    _child_write(result_fd, status, text, write, encode)
+    _child_write(result_fd, status, text, write, encode)   # prints are already written (python -u)
     exit_now(0)
 
 
@@ -895,8 +890,9 @@ class _Server:
         folder, module = os.path.split(os.path.splitext(os.path.abspath(__file__))[0])
         bootstrap = f"import sys; sys.path.insert(0, {folder!r}); import {module}; {module}._serve(sys.argv[1])"
         self.proc = subprocess.Popen(
-            # -S: no site-packages and no .pth start-up hooks (one here imports threading)
-            [sys.executable, "-S", "-c", bootstrap, json.dumps(self.config)],
+            # -S: no site-packages and no .pth start-up hooks (one here imports threading);
+            # -u: unbuffered stdout and stderr, so a child has nothing to flush before it exits
+            [sys.executable, "-S", "-u", "-c", bootstrap, json.dumps(self.config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True)
         hello = self._read_line(timeout_s=60)
