@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import functools
 import json
 import marshal
 import math
@@ -180,6 +181,18 @@ def _escape_attributes() -> frozenset[str]:
 # Static safety check (the paper's check 2)
 # --------------------------------------------------------------------------------------------------
 
+@dataclass
+class _Scope:
+    """A module, function, lambda or comprehension seen by the safety check. Its bound names are
+    collected only when a banned builtin's name is read in it, which ordinary programs never do."""
+    body: list[ast.AST] | ast.AST
+    args: ast.arguments | None
+
+    @functools.cached_property
+    def names(self) -> set[str]:
+        return _SafetyVisitor.bound_names(self.body, self.args)
+
+
 class _SafetyVisitor(ast.NodeVisitor):
     """Walks a module and records rule violations.
 
@@ -190,7 +203,7 @@ class _SafetyVisitor(ast.NodeVisitor):
 
     def __init__(self) -> None:
         self.violations: list[str] = []
-        self.scopes: list[set[str]] = [set()]
+        self.scopes: list[_Scope] = []
 
     def flag(self, node: ast.AST, message: str) -> None:
         line = getattr(node, "lineno", None)
@@ -222,11 +235,10 @@ class _SafetyVisitor(ast.NodeVisitor):
         return names
 
     def visit_Module(self, node: ast.Module) -> None:
-        self.scopes = [self.bound_names(node.body)]
-        self.generic_visit(node)
+        self._visit_scope(node, node.body, None)
 
     def _visit_scope(self, node: ast.AST, body, args) -> None:
-        self.scopes.append(self.bound_names(body, args))
+        self.scopes.append(_Scope(body, args))
         self.generic_visit(node)
         self.scopes.pop()
 
@@ -263,7 +275,7 @@ class _SafetyVisitor(ast.NodeVisitor):
         if _is_dunder(node.id) and node.id not in ALLOWED_DUNDERS:
             self.flag(node, f"name '{node.id}' is forbidden")
         elif node.id in BANNED_BUILTINS and isinstance(node.ctx, ast.Load):
-            if not any(node.id in scope for scope in self.scopes):
+            if not any(node.id in scope.names for scope in self.scopes):
                 self.flag(node, f"builtin '{node.id}' is forbidden")
 
     def visit_Attribute(self, node: ast.Attribute) -> None:
