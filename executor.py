@@ -692,7 +692,7 @@ def _serve(config_json: str) -> None:
     gc.freeze()                                         # fewer copy-on-write page faults per fork
     if config["check_safety"]:
         _install_import_guard()
-    replies.write(json.dumps({"ready": True, "isolated": isolated}).encode() + b"\n")
+    replies.write(json.dumps({"ready": True, "isolated": isolated, "run_root": _run_root}).encode() + b"\n")
     child = _Child(config)
     for header in requests:
         reply = child.run(requests.read(int(header)))
@@ -891,6 +891,7 @@ class _Server:
         self.hash_seed, self.config = hash_seed, config
         self.proc: subprocess.Popen | None = None
         self.isolated = False
+        self.run_root: str | None = None
 
     def start(self) -> None:
         import subprocess
@@ -911,7 +912,10 @@ class _Server:
         if hello is None:
             self.stop()
             raise RuntimeError("the executor's server process did not start")
-        self.isolated = bool(json.loads(hello).get("isolated"))
+        hello = json.loads(hello)
+        self.isolated = bool(hello["isolated"])
+        # Outside private namespaces the server's folder is on the real file system: removed in stop()
+        self.run_root = None if self.isolated else hello["run_root"]
 
     def call(self, job: bytes) -> RunResult:
         self.send(job)
@@ -961,6 +965,9 @@ class _Server:
                 except OSError:
                     pass
             self.proc = None
+        if self.run_root is not None:
+            _remove_tree(self.run_root)
+            self.run_root = None
 
 
 class Executor:
