@@ -40,8 +40,11 @@ How one call runs (two layers):
       it with a restricted literal parser (`parse_literal`), never with eval.
 
 Determinism is checked in two interpreters started with different PYTHONHASHSEED values, so hash(),
-string-set order and the like differ between the two runs; the server also allocates a random
-amount of padding before each fork, so id() and addresses differ too.
+string-set order and the like differ between the two runs. So do addresses (id()): each server is
+a process of its own, laid out by the kernel's address-space randomisation (on by default in Linux).
+With it off (`setarch -R`), the two children of identical servers can give the same id() values and
+an id()-dependent program passes; random padding allocated before each fork did not fix that here
+(free lists hand out recently freed blocks first) and cost 50 page faults a call, so there is none.
 
 What is NOT covered: this is not a security boundary against a determined attacker. A kernel
 exploit, a bug in CPython, or a side channel gets out. Without root (a student's laptop) there is no
@@ -490,7 +493,7 @@ def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: 
     forked before its job arrives (see _Child), so the first half of the setup costs no latency.
     Every line here runs once per call, in a fresh copy of the server, and each page of memory it
     writes to costs a copy-on-write fault (about 5 us here): the setup is a few system calls, and
-    all that can be prepared once (limits, import guard, padding) is prepared by the server."""
+    all that can be prepared once (limits, import guard) is prepared by the server."""
     try:
         os.setsid()                                    # own session: killpg reaches all it starts
         os.dup2(_devnull, 0)
@@ -745,9 +748,6 @@ class _Child:
         os.mkdir(self.workdir, 0o700)
         if os.getuid() == 0:
             os.chown(self.workdir, _NOBODY, _NOBODY)
-        # A random amount of padding, allocated here so the child inherits it for free: the
-        # child's objects land at addresses that differ from call to call (id() is caught).
-        self.padding = [bytearray(size) for size in os.urandom(64)]
         self.out_fd, self.err_fd = _capture_file("stdout"), _capture_file("stderr")
         job_read, self.job_write = os.pipe()
         self.read_fd, result_write = os.pipe()

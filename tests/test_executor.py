@@ -301,9 +301,18 @@ NONDETERMINISTIC = [
 ]
 
 
+def _address_randomisation_on() -> bool:
+    """The id() cases rely on it (see the executor's docstring); `setarch -R` switches it off."""
+    no_randomize = 0x0040000                           # the ADDR_NO_RANDOMIZE personality flag
+    personality = int(Path("/proc/self/personality").read_text(), 16)
+    return Path("/proc/sys/kernel/randomize_va_space").read_text().strip() != "0" and not personality & no_randomize
+
+
 @pytest.mark.parametrize("name,program,status,raw_status", NONDETERMINISTIC,
                          ids=[n[0] for n in NONDETERMINISTIC])
 def test_nondeterminism_is_caught(name, program, status, raw_status, safe, raw):
+    if name.startswith("id") and not _address_randomisation_on():
+        pytest.skip("address-space randomisation is off: the two runs may share id() values")
     assert safe.validate(program, "'abcdefghij'").status == status
     assert raw.validate(program, "'abcdefghij'").status == raw_status
 
