@@ -569,8 +569,10 @@ def _child_write(fd: int, status: str, text: str, write=os.write, encode=str.enc
 # --------------------------------------------------------------------------------------------------
 
 _NOBODY = 65534
-# Set up once per server by _server_setup(): the children's stdin, and a root-only folder (0711, so
-# "nobody" can enter its own subfolder but not list or create anything) for the working directories.
+# Set up once per server by _server_setup(): the children's stdin, the file descriptor limit (a
+# child closes everything below it that it does not need), and a root-only folder (0711: "nobody"
+# can enter its own subfolder but not list or create anything) for the working directories, which
+# are numbered by _run_count.
 _devnull = -1
 _max_fd = 0
 _run_root = ""
