@@ -900,8 +900,8 @@ class _Server:
         import tempfile
         env = {"PYTHONHASHSEED": str(self.hash_seed), "PATH": os.defpath, "LC_ALL": "C.UTF-8",
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tempfile.gettempdir()}
-        # The server imports this module by name, so it loads the cached bytecode: compiling the
-        # source would leave about 3 MB of freed parser memory in the server, on every fork's bill.
+        # The server imports this module by name, so it uses the cached bytecode when there is
+        # some (compiling the source leaves freed parser memory behind; see _release_free_memory).
         folder, module = os.path.split(os.path.splitext(os.path.abspath(__file__))[0])
         bootstrap = f"import sys; sys.path.insert(0, {folder!r}); import {module}; {module}._serve(sys.argv[1])"
         self.proc = subprocess.Popen(
