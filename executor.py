@@ -579,11 +579,12 @@ _run_root = ""
 _run_count = 0
 
 
-def _load_prctl():
+def _libc():
+    """The C library through ctypes (prctl, unshare, mount, malloc_trim); None where there is none."""
     try:
         import ctypes
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):   # not Linux
+        return ctypes.CDLL(None, use_errno=True)
+    except (ImportError, OSError):
         return None
 
 
@@ -598,11 +599,10 @@ def _die_with_parent() -> None:
 
 def _enter_private_namespaces() -> bool:
     """As root: no network, and a private tmpfs on the world-writable directories. Best effort."""
-    if os.getuid() != 0:
+    libc = _libc()
+    if os.getuid() != 0 or libc is None:
         return False
     try:
-        import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
         clone_newns, clone_newnet, ms_rec, ms_private = 0x00020000, 0x40000000, 0x4000, 0x40000
         if libc.unshare(clone_newns | clone_newnet) != 0:
             return False
@@ -621,7 +621,7 @@ def _server_setup() -> bool:
     Returns whether the private namespaces are in place."""
     import importlib
     global _prctl, _devnull, _max_fd, _run_root
-    _prctl = _load_prctl()
+    _prctl = getattr(_libc(), "prctl", None)             # None: not Linux
     _die_with_parent()
     isolated = _enter_private_namespaces()
     _devnull = os.open(os.devnull, os.O_RDONLY)
@@ -650,11 +650,9 @@ def _release_free_memory() -> None:
     about 0.1 ms per call."""
     import gc
     gc.collect()
-    try:
-        import ctypes
-        ctypes.CDLL(None).malloc_trim(0)
-    except (ImportError, OSError, AttributeError):   # not glibc
-        pass
+    malloc_trim = getattr(_libc(), "malloc_trim", None)   # None: not glibc
+    if malloc_trim is not None:
+        malloc_trim(0)
 
 
 def _child_rlimits(limits: dict) -> list[tuple[int, tuple[int, int]]]:
