@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import re
 import resource
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import Counter, defaultdict
@@ -203,10 +205,14 @@ def _explicit_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def load_saved_config(parser: argparse.ArgumentParser, run_dir: str) -> dict:
+    """The config a run was started with, from its newest checkpoint (which must be whole)."""
     checkpoint = latest_checkpoint(Path(run_dir))
     if checkpoint is None:
         parser.error(f"--resume {run_dir}: no checkpoint found there")
-    saved = json.loads((checkpoint / "state.json").read_text())["config"]
+    try:
+        saved = read_state(checkpoint)["config"]
+    except CheckpointError as error:
+        parser.error(f"--resume {run_dir}: {error}")
     known = {f.name for f in fields(Config)}
     return {k: v for k, v in saved.items() if k in known} | {"run_dir": run_dir, "resume": run_dir}
 
@@ -607,11 +613,22 @@ class RunLog:
                 }) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """On resume: forget lines written after the checkpoint's step (a killed run may leave some)."""
+        """Keep only the lines of steps <= step: on resume, what a killed run wrote after its checkpoint
+        (a last line cut off mid-write included); step -1 empties both files. Each file is rewritten
+        to a temporary name and renamed, so a kill during this loses nothing."""
         for path in (self.metrics_path, self.samples_path):
             if path.exists():
-                lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-                path.write_text("".join(line + "\n" for line in lines))
+                kept = [line for line in path.read_text().splitlines() if _step_of(line) <= step]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):   # a line a kill cut short belongs to no step
+        return math.inf
 
 
 def _jsonable(value):
@@ -620,20 +637,34 @@ def _jsonable(value):
     return asdict(value)
 
 
-def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer, buffers: Buffers,
-                    rng: random.Random, rng_state_torch: torch.Tensor, cfg: Config) -> Path:
-    """Everything needed to continue exactly: LoRA adapter, optimizer, buffers, RNG states, step, config.
-    Written to a temporary folder and renamed into place, so a killed run never leaves half of one."""
+def rng_snapshot(rng: random.Random) -> dict:
+    """Every random state the next step draws from: Python (buffers, references, solve batches),
+    torch on the CPU and on each GPU (sampling). Taken when a step is committed, so a checkpoint
+    continues exactly where the uninterrupted run would."""
+    return {"python": rng.getstate(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+class CheckpointError(Exception):
+    """A checkpoint file that is missing or unreadable; the message names it."""
+
+
+CHECKPOINT_FILES = ("state.json", "trainer.pt", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+
+
+def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer, buffers: Buffers, rng: dict,
+                    cfg: Config) -> Path:
+    """Everything needed to continue exactly: LoRA adapter, optimizer, buffers, RNG states (an
+    rng_snapshot), step, config. Written to a temporary folder and renamed into place, so a killed
+    run never leaves half of one; the older checkpoint is removed only once the new one is whole."""
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     policy.model.save_pretrained(tmp / "adapter")            # loadable by any peft / HF tool
-    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": rng_state_torch,
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": rng["torch"], "cuda_rng": rng["cuda"]},
                tmp / "trainer.pt")
-    state = {"step": step, "config": asdict(cfg), "buffers": buffers_to_json(buffers),
-             "python_rng": rng.getstate()}
+    state = {"step": step, "config": asdict(cfg), "buffers": buffers_to_json(buffers), "python_rng": rng["python"]}
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -644,29 +675,63 @@ def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer, buffers
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p for p in run_dir.glob("checkpoint-*") if (p / "state.json").exists())
-    return done[-1] if done else None
+    """The newest checkpoint folder (complete by construction: it appeared by a rename)."""
+    found = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
+    return found[-1] if found else None
+
+
+def read_state(checkpoint: Path) -> dict:
+    """state.json of a checkpoint, after checking that every file of it is there. Raises
+    CheckpointError naming the first file that is missing or unreadable."""
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            raise CheckpointError(f"{checkpoint / name} is missing")
+    try:
+        state = json.loads((checkpoint / "state.json").read_text())
+        missing = [key for key in ("step", "config", "buffers", "python_rng") if key not in state]
+        if missing:
+            raise KeyError(", ".join(missing))
+    except (ValueError, KeyError, TypeError) as error:
+        raise damaged(checkpoint / "state.json", error) from None
+    return state
+
+
+def damaged(path: Path, error: Exception) -> CheckpointError:
+    first_line = (str(error).splitlines() or [""])[0][:200]
+    return CheckpointError(f"{path} is damaged ({type(error).__name__}: {first_line})")
 
 
 def load_checkpoint(checkpoint: Path, policy: Policy, optimizer) -> tuple[int, Buffers, tuple]:
-    """Restore adapter and optimizer in place; return (step, buffers, python RNG state).
-    The torch RNG is restored here too."""
+    """Restore adapter and optimizer in place, and the torch RNGs; return (step, buffers, python RNG
+    state). Every file is read before anything is restored; a damaged one raises CheckpointError
+    with its name, and nothing on disk is changed."""
     import peft
-    peft.set_peft_model_state_dict(policy.model, peft.load_peft_weights(str(checkpoint / "adapter"),
-                                                                        device=str(policy.device)))
-    trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    state = read_state(checkpoint)
+    try:
+        buffers = buffers_from_json(state["buffers"])
+        version, internal, gauss = state["python_rng"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise damaged(checkpoint / "state.json", error) from None
+    try:
+        weights = peft.load_peft_weights(str(checkpoint / "adapter"), device=str(policy.device))
+    except Exception as error:   # safetensors raises several kinds for a damaged file
+        raise damaged(checkpoint / "adapter" / "adapter_model.safetensors", error) from None
+    try:
+        trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
+    except Exception as error:   # so does torch.load
+        raise damaged(checkpoint / "trainer.pt", error) from None
+    peft.set_peft_model_state_dict(policy.model, weights)
     optimizer.load_state_dict(trainer["optimizer"])
     torch.set_rng_state(trainer["torch_rng"])
     if trainer["cuda_rng"]:
         torch.cuda.set_rng_state_all(trainer["cuda_rng"])
-    state = json.loads((checkpoint / "state.json").read_text())
-    version, internal, gauss = state["python_rng"]
-    return state["step"], buffers_from_json(state["buffers"]), (version, tuple(internal), gauss)
+    return state["step"], buffers, (version, tuple(internal), gauss)
 
 
 @contextmanager
-def ctrl_c_deferred():
-    """Hold Ctrl-C while a step is committed (optimizer step, buffers, logs), then deliver it."""
+def ctrl_c_deferred(deliver: bool = True):
+    """Hold Ctrl-C while a step is committed (optimizer step, buffers, logs, checkpoint), then
+    deliver it as a KeyboardInterrupt (or drop it, with deliver=False)."""
     received = []
     if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
         yield
@@ -676,7 +741,7 @@ def ctrl_c_deferred():
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
+    if received and deliver:
         raise KeyboardInterrupt
 
 
@@ -695,8 +760,18 @@ def build_policy(cfg: Config) -> Policy:
 
 
 def train(cfg: Config, policy: Policy | None = None) -> Path:
-    """Run (or resume) self-play training; returns the run folder."""
+    """Run (or resume) self-play training; returns the run folder.
+
+    A step is computed first (sampling, executing, gradients) and then committed as one block that
+    Ctrl-C cannot split: optimizer step, buffers, step count, metrics, samples, the RNG snapshot and
+    (when due) the checkpoint. An interrupt before the commit drops the unfinished step; one during
+    it waits for the commit to end. Either way the saved checkpoint, its RNG states and the logs agree,
+    and --resume continues as if nothing had happened (a kill -9 loses at most the steps since the
+    last checkpoint, which a resumed run recomputes exactly)."""
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    if not cfg.resume and latest_checkpoint(run_dir) is not None:
+        raise CheckpointError(f"{run_dir} holds a run already: continue it with --resume {run_dir}, "
+                              "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"azr-mini: run folder {run_dir}  (model {cfg.model}, preset {cfg.preset}, {cfg.steps} steps)")
     policy = policy or build_policy(cfg)
@@ -707,23 +782,26 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
     with Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
                   workers=cfg.exec_workers or None) as executor:
         checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+        if cfg.resume and checkpoint is None:
+            raise CheckpointError(f"--resume {cfg.resume}: no checkpoint found there")
         if checkpoint is not None:
             step, buffers, python_rng = load_checkpoint(checkpoint, policy, optimizer)
             rng.setstate(python_rng)
             log.truncate_after(step)
             print(f"resumed from {checkpoint} (step {step})")
         else:
-            if cfg.resume:
-                raise SystemExit(f"error: --resume {cfg.resume}: no checkpoint found there")
+            log.truncate_after(-1)                  # logs of an attempt killed before its first checkpoint
+            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
             step = 0
             try:
                 buffers = seed_buffers(policy, executor, rng, cfg, timer, log)
             except KeyboardInterrupt:
                 print("\ninterrupted while seeding: nothing to save yet")
                 raise SystemExit(130) from None
-            (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-        saved_step = step if checkpoint is not None else -1
-        rng_at_step_start = (rng.getstate(), torch.get_rng_state())   # to drop an interrupted step
+            with ctrl_c_deferred():                 # the seeded buffers are worth keeping
+                save_checkpoint(run_dir, 0, policy, optimizer, buffers, rng_snapshot(rng), cfg)
+        saved_step = step
+        snapshot = rng_snapshot(rng)                # the random states at the start of the next step
         try:
             while step < cfg.steps:
                 timer = Timer()
@@ -732,31 +810,29 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
                     episodes, rollouts, new_tasks = self_play_step(policy, executor, buffers, rng, cfg, timer)
                     with timer("update"):
                         update = trr_update(policy, optimizer, episodes, cfg)
-                    with ctrl_c_deferred():                     # commit the step as a whole
-                        with timer("update"):
-                            optimizer.step()
-                            optimizer.zero_grad(set_to_none=True)
-                        for t in TASK_TYPES:
-                            add_tasks(buffers[t], new_tasks[t], cfg.buffer_cap)
-                        step += 1
-                statuses = executor.statuses - statuses_before
-                m = step_metrics(step, episodes, rollouts, buffers, executor.calls - calls_before, statuses,
-                                 timer, update)
-                with ctrl_c_deferred():
+                with ctrl_c_deferred():             # commit the step as a whole
+                    with timer("step"), timer("update"):
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    for t in TASK_TYPES:
+                        add_tasks(buffers[t], new_tasks[t], cfg.buffer_cap)
+                    step += 1
+                    m = step_metrics(step, episodes, rollouts, buffers, executor.calls - calls_before,
+                                     executor.statuses - statuses_before, timer, update)
                     log.metrics(m)
                     log.samples(step, episodes + rollouts)
-                    tqdm.write(summary_line(m))
-                    rng_at_step_start = (rng.getstate(), torch.get_rng_state())
+                    snapshot = rng_snapshot(rng)
                     if step % cfg.save_every == 0 or step == cfg.steps:
-                        save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, rng_at_step_start[1], cfg)
+                        save_checkpoint(run_dir, step, policy, optimizer, buffers, snapshot, cfg)
                         saved_step = step
+                    tqdm.write(summary_line(m))
         except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)           # the unfinished step is dropped
-            if step > saved_step:
-                rng.setstate(rng_at_step_start[0])
-                save_checkpoint(run_dir, step, policy, optimizer, buffers, rng, rng_at_step_start[1], cfg)
+            optimizer.zero_grad(set_to_none=True)   # the unfinished step is dropped
+            with ctrl_c_deferred(deliver=False):    # a second Ctrl-C does not cut the save short
+                if step > saved_step:
+                    save_checkpoint(run_dir, step, policy, optimizer, buffers, snapshot, cfg)
             print(f"\ninterrupted: saved step {step}; continue with python azr_mini.py --resume {run_dir}")
-            raise SystemExit(130)
+            raise SystemExit(130) from None
     print(f"done: {step} steps. Outputs in {run_dir}/: metrics.jsonl (one line per step), samples.jsonl "
           f"(every task and answer), {latest_checkpoint(run_dir).name}/ (LoRA adapter, optimizer, buffers)")
     return run_dir
@@ -768,7 +844,11 @@ def main(argv: list[str] | None = None) -> None:
         policy = build_policy(cfg)
     except (ValueError, ImportError, OSError) as error:  # a bad --model or a missing package: one line
         raise SystemExit(f"error: {error}") from None
-    train(cfg, policy)
+    try:
+        train(cfg, policy)
+    except CheckpointError as error:                     # a damaged or misplaced run folder: exit 2
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

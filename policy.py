@@ -25,8 +25,8 @@ Where it departs from the paper's setup:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -35,10 +35,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import peft
-import torch
-from tqdm import tqdm
-from transformers import (
+# bitsandbytes (imported by peft) warns, on CPUs with AVX512-BF16, that it cannot fetch a fused
+# inference kernel from the hub. That kernel is never used here (keep_4bit_layout), so say nothing.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import peft  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
@@ -89,17 +93,18 @@ def require(module: str, why: str) -> None:
 
 
 def embedded_part_paths() -> list[Path]:
-    """The six part files, in order, from their installed packages."""
+    """The six part files, in order, found in their installed packages WITHOUT importing them: the
+    packages are data, and nothing of theirs runs before the sha256 check (find_spec of a top-level
+    package only reads the file system)."""
     paths = []
-    for name in EMBEDDED_PACKAGES:
-        try:
-            package = importlib.import_module(name)
-        except ImportError:
+    for i, name in enumerate(EMBEDDED_PACKAGES, start=1):
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
             raise ImportError(
                 f"the embedded default model needs the package {name.replace('_', '-')}: "
                 f"pip install -r requirements.txt (or {MODEL_HELP})"
-            ) from None
-        paths.append(Path(package.get_part_path()))
+            )
+        paths.append(Path(spec.submodule_search_locations[0]) / "data" / f"part{i:02d}.bin")
     return paths
 
 
@@ -464,6 +469,22 @@ def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[
 # Loading
 
 
+def keep_4bit_layout(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for inference, so the model trains after it samples.
+
+    Since bitsandbytes 0.49, a Linear4bit on a CPU with AVX512-BF16 rewrites its weight, in place and
+    for good, into a layout for a fused inference kernel the first time it runs in eval mode without
+    gradients (as `generate` does). From then on every forward, in training too, takes that kernel:
+    bf16 arithmetic and no autograd, so the update after a rollout raised "a view of a leaf Variable
+    ... in-place operation" (0.49.2, 0.50.2). The loop alternates sampling and training, and the
+    policy it scores must be the one it sampled from (same kernel, same precision), so one path
+    serves both: the layer's repacking switch is turned off."""
+    import bitsandbytes as bnb
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -520,6 +541,7 @@ def load_policy(
                 quantization_config=quantization, device_map={"": str(device)} if quantization else None,
             )
     if quantization:
+        keep_4bit_layout(base)
         # Freezes the base and upcasts any fp16/bf16 non-quantized weights (embeddings, norms,
         # lm_head) to float32 for stable training: +1 GB on a GPU for the 0.5B model, nothing on a
         # CPU where they already are float32. We switch checkpointing on ourselves below.

