@@ -91,6 +91,9 @@ class Config:
     gradient_checkpointing: str = flag("auto", "recompute activations in backward to save memory "
                                        "(auto = on for CPU, off for GPU)", choices=("auto", "on", "off"))
     device: str = flag("auto", "auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...")
+    dtype: str = flag("auto", "weights and activations for sampling and the update: auto = bfloat16 on "
+                      "CUDA and on CPUs with AVX512-BF16 or AMX, float32 elsewhere",
+                      choices=("auto", "float32", "bfloat16"))
     # --- generation ---
     temperature: float = flag(1.0, "sampling temperature (paper: 1.0)")
     top_p: float = flag(1.0, "nucleus sampling threshold (paper: 1.0 = off)")
@@ -754,7 +757,7 @@ def build_policy(cfg: Config) -> Policy:
     return load_policy(
         cfg.model, load_in_4bit=cfg.load_in_4bit, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout, lora_targets=tuple(cfg.lora_target_modules.split(",")),
-        lora_layers=cfg.lora_layers, device=cfg.device, seed=cfg.seed,
+        lora_layers=cfg.lora_layers, device=cfg.device, dtype=cfg.dtype, seed=cfg.seed,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[cfg.gradient_checkpointing],
     )
 

@@ -1,15 +1,24 @@
-"""Benchmark the policy's rollout path and its LoRA update (issue 4), on CPU by default.
+"""Benchmark the rollout path and the LoRA update on a CPU (issue 11); every figure is measured here,
+the paths side by side in one run, each configuration in a fresh process (peak RSS never goes down
+within a process).
 
-(a) Generation: tokens per second of one completion at a time versus the batched rollout path
-    (Policy.generate with gen_batch_size 16), on the same prompts, greedy, 128 new tokens; prints the
-    ratio (target: batched >= 5x one at a time). Only real tokens count, not padding.
-(b) The update: time and peak resident memory (ru_maxrss) of one LoRA update - log-probs, backward,
-    optimizer step - on 8 completions of 256 tokens, with gradient checkpointing on and off, with LoRA
-    on all layers and on the top layers only. Peak RSS never goes down within a process, so every
-    configuration runs in a fresh subprocess.
+(a) Rollouts on a real workload: the prompts of one cpu-preset self-play step (proposers of the three
+    task types from the seed triplet, and solvers on seed-derived tasks), or the prompts of step 1 of
+    a run with --from-run. Sampled as the loop samples (T = 1, stop at "</answer>"). Reports *useful*
+    tokens per second: completion tokens kept, divided by wall time, and peak memory, for
+      - today's path before issue 11: Policy.generate with float32 weights;
+      - the new path: Policy.generate with --dtype auto (bf16 on CPUs with AVX512-BF16 or AMX);
+      - a reference: plain transformers `generate` on the base model (float32, no LoRA).
+    The paths take turns (--rounds), since this VM's speed drifts.
+(b) The update: one LoRA update (log-probs, backward, optimizer step) on 8 completions of 256 tokens,
+    micro-batch 4, gradient checkpointing on, float32 against bf16, LoRA on the top 4 layers (the
+    cpu preset) and on all layers.
+(c) Log-prob memory at the gpu-8gb preset's shapes (micro-batch 4, 1k-token responses): peak RSS of
+    one forward + backward with the vocabulary projected in one piece (as before issue 11) and in
+    chunks of 64 positions (now).
 
-    python bench/bench_generate.py            # the full run (about 10 minutes on 2 cores)
-    python bench/bench_generate.py --quick    # a smoke test in about a minute
+    python bench/bench_generate.py                 # everything (about 30 minutes on 2 cores)
+    python bench/bench_generate.py --only a --rounds 1 --new-tokens 32   # a quick look at (a)
 """
 
 import argparse
@@ -26,64 +35,86 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from policy import load_policy, length_sorted_batches  # noqa: E402
+import azr_mini  # noqa: E402
+from policy import left_pad, length_sorted_batches, load_policy  # noqa: E402
+from prompts import SEED_TRIPLET, STOP, THINK_PREFILL, InductionTask, Triplet  # noqa: E402
 
-TASKS = [
-    "Write a Python class for a bank account with deposit, withdraw and a transaction history.",
-    "Implement merge sort in Python and explain each step in comments.",
-    "Write a Python function that parses a CSV line with quoted fields, with docstrings and examples.",
-    "Implement a least-recently-used cache in Python without functools.",
-    "Write a Python function that checks whether a Sudoku board is valid, and explain it.",
-    "Implement a binary search tree with insert, delete and in-order traversal in Python.",
-    "Write a Python tokenizer for arithmetic expressions and an evaluator for them.",
-    "Implement Dijkstra's shortest path algorithm in Python with a priority queue.",
-    "Write a Python function that converts Roman numerals to integers and back, with tests.",
-    "Implement a simple text-based tic-tac-toe game in Python.",
-    "Write a Python function that finds all anagram groups in a list of words, and explain it.",
-    "Implement run-length encoding and decoding in Python with unit tests.",
-    "Write a Python function that flattens arbitrarily nested lists, iteratively and recursively.",
-    "Implement a trie in Python with insert, search and prefix listing.",
-    "Write a Python function that computes the longest common subsequence of two strings.",
-    "Implement a matrix class in Python with addition, multiplication and transpose.",
-]
+PATHS = {"float32 Policy.generate (before)": "float32", "Policy.generate --dtype auto (now)": "auto",
+         "plain transformers generate (reference)": "plain"}
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def bench_generation(args) -> None:
-    policy = load_policy(args.model, device="cpu")
-    prompts = [policy.format_chat(TASKS[i % len(TASKS)]) for i in range(args.prompts)]
-    policy.generate(prompts[:1], max_new_tokens=4, greedy=True)  # warm-up
-    print(f"generation: {len(prompts)} prompts, {args.new_tokens} new tokens, greedy", flush=True)
+def step_prompts(args) -> list[str]:
+    """The user messages of one cpu-preset step (or of step 1 of a run)."""
+    if args.from_run:
+        with open(os.path.join(args.from_run, "samples.jsonl")) as fh:
+            rows = [json.loads(line) for line in fh]
+        return [r["prompt"] for r in rows if r["step"] == 1]
+    cfg = azr_mini.Config()
+    rng = __import__("random").Random(0)
+    reverse = Triplet("def f(s):\n    return s[::-1]", "'abc'", "'cba'")
+    buffers = {"deduction": [SEED_TRIPLET, reverse], "abduction": [SEED_TRIPLET, reverse], "induction": []}
+    requests = azr_mini.proposer_requests(buffers, rng, cfg, "propose")
+    induction = InductionTask(SEED_TRIPLET.program, "returns its argument unchanged",
+                              (("'Hello world'", "'Hello world'"), ("3", "3"), ("[1, 2]", "[1, 2]")),
+                              (("'a'", "'a'"), ("0", "0"), ("(1,)", "(1,)")))
+    tasks = {"deduction": [SEED_TRIPLET, reverse], "abduction": [SEED_TRIPLET, reverse], "induction": [induction]}
+    prompts = [r.prompt for r in requests]
+    # Learnability rollouts and the solve batch: solver prompts, as many as a step has.
+    n_solver = 3 * cfg.batch_size * (1 + cfg.learnability_rollouts)
+    kinds = list(azr_mini.SOLVER_TEMPLATES.items())
+    for k in range(n_solver):
+        task_type, template = kinds[k % 3]
+        prompts.append(template(tasks[task_type][k // 3 % len(tasks[task_type])]))
+    return prompts
 
-    rates = {}
-    for label, batch_size in [("one at a time", 1), (f"batched at {args.batch}", args.batch)]:
-        start = time.time()
-        completions = policy.generate(prompts, max_new_tokens=args.new_tokens, greedy=True, gen_batch_size=batch_size)
-        seconds = time.time() - start
-        tokens = sum(len(c.ids) for c in completions)
-        rates[label] = tokens / seconds
-        print(f"  {label:>15}: {tokens} tokens in {seconds:6.1f} s = {rates[label]:6.1f} tok/s "
-              f"({sum(c.truncated for c in completions)}/{len(completions)} hit the length limit)", flush=True)
-    one, batched = rates.values()
-    print(f"  ratio batched / one at a time: {batched / one:.1f}x (target >= 5x)", flush=True)
+
+def generate_worker(args) -> None:
+    """One path of (a), in its own process; prints one JSON line."""
+    torch.manual_seed(0)
+    dtype = "float32" if args.path == "plain" else args.path
+    policy = load_policy(args.model, device="cpu", dtype=dtype, lora_layers=4)
+    prompts = [policy.format_chat(p, prefill=THINK_PREFILL) for p in step_prompts(args)][: args.prompts]
+    policy.generate(prompts[:1], max_new_tokens=2)  # warm-up
+    start = time.time()
+    if args.path == "plain":  # the base model alone, through transformers, batched the same way
+        base = policy.model.get_base_model()
+        with policy.model.disable_adapter(), torch.inference_mode():
+            ids = [policy.encode(p) for p in prompts]
+            kept = 0
+            for batch in length_sorted_batches([len(i) for i in ids], args.batch):
+                input_ids, mask = left_pad([ids[i] for i in batch], policy.pad_id, policy.device)
+                out = base.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                    do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+                                    eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id,
+                                    stop_strings=[STOP], tokenizer=policy.tokenizer)
+                kept += int((out[:, input_ids.shape[1]:] != policy.pad_id).sum())
+    else:
+        completions = policy.generate(prompts, max_new_tokens=args.new_tokens, gen_batch_size=args.batch,
+                                      stop_strings=[STOP])
+        kept = sum(len(c.ids) for c in completions)
+    seconds = time.time() - start
+    prompt_tokens = sum(len(policy.encode(p)) for p in prompts)
+    print(json.dumps({"tokens": kept, "seconds": seconds, "prompts": len(prompts),
+                      "prompt_tokens": prompt_tokens, "rss_peak_gb": peak_rss_gb()}), flush=True)
 
 
 def update_worker(args) -> None:
-    """One configuration of (b), in its own process; prints one JSON line."""
-    start = time.time()
-    policy = load_policy(args.model, device="cpu", lora_layers=args.lora_layers,
-                         gradient_checkpointing=args.gradient_checkpointing == "on")
-    load_seconds, rss_loaded = time.time() - start, peak_rss_gb()
+    """One configuration of (b) or (c), in its own process; prints one JSON line."""
+    policy = load_policy(args.model, device="cpu", dtype=args.dtype, lora_layers=args.lora_layers,
+                         gradient_checkpointing=True)
+    if args.logprob_chunk:
+        policy.logprob_chunk = args.logprob_chunk
+    rss_loaded = peak_rss_gb()
     generator = torch.Generator().manual_seed(0)
-    prompt = policy.encode(policy.format_chat(TASKS[0]))
+    prompt = policy.encode(policy.format_chat("Write a Python function that reverses a string."))
     # The content of the completions does not change the cost: random tokens of the right length.
     completions = torch.randint(0, 150_000, (args.seqs, args.update_tokens), generator=generator).tolist()
     advantages = torch.randn(args.seqs, generator=generator)  # [N] as TRR++ would give them
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-5)
-
     start = time.time()
     n_tokens = args.seqs * args.update_tokens
     for batch in length_sorted_batches([len(c) for c in completions], args.micro_batch):
@@ -92,67 +123,111 @@ def update_worker(args) -> None:
         loss.backward()  # per micro-batch, so only one micro-batch's activations are alive
     torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
     optimizer.step()
-    print(json.dumps({"load_s": load_seconds, "update_s": time.time() - start,
-                      "rss_loaded_gb": rss_loaded, "rss_peak_gb": peak_rss_gb()}), flush=True)
+    print(json.dumps({"update_s": time.time() - start, "rss_loaded_gb": rss_loaded,
+                      "rss_peak_gb": peak_rss_gb()}), flush=True)
+
+
+def run_worker(args, *extra: str) -> dict | None:
+    command = [sys.executable, __file__, "--model", args.model, *extra]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"  failed: {' '.join(extra)}\n{result.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def bench_generation(args) -> None:
+    print(f"(a) rollouts: {len(step_prompts(args)[: args.prompts])} prompts of a cpu-preset step, up to "
+          f"{args.new_tokens} new tokens, T = 1, stop at {STOP!r}, batches of {args.batch}, "
+          f"{args.rounds} round(s), paths taking turns", flush=True)
+    totals = {label: [0, 0.0, 0.0] for label in PATHS}  # tokens, seconds, peak RSS
+    for round_ in range(args.rounds):
+        for label, path in PATHS.items():
+            r = run_worker(args, "--generate-worker", "--path", path, "--new-tokens", str(args.new_tokens),
+                           "--batch", str(args.batch), "--prompts", str(args.prompts),
+                           *(["--from-run", args.from_run] if args.from_run else []))
+            if r is None:
+                continue
+            print(f"  round {round_ + 1} {label:>40}: {r['tokens']:5d} tokens in {r['seconds']:6.1f} s = "
+                  f"{r['tokens'] / r['seconds']:5.1f} useful tok/s, peak RSS {r['rss_peak_gb']:.1f} GB "
+                  f"(prompts: {r['prompt_tokens']} tokens)", flush=True)
+            t = totals[label]
+            t[0], t[1], t[2] = t[0] + r["tokens"], t[1] + r["seconds"], max(t[2], r["rss_peak_gb"])
+    rates = {label: t[0] / t[1] for label, t in totals.items() if t[1]}
+    for label, rate in rates.items():
+        print(f"  all rounds {label:>40}: {rate:5.1f} useful tok/s, peak RSS {totals[label][2]:.1f} GB", flush=True)
+    before, now = list(PATHS)[:2]
+    if before in rates and now in rates:
+        print(f"  now / before: {rates[now] / rates[before]:.2f}x (target >= 3x)", flush=True)
 
 
 def bench_update(args) -> None:
-    env = dict(os.environ)
-    if args.malloc_mmap_threshold:
-        # glibc serves allocations below a (growing) threshold from its heap, which fragments and
-        # keeps freed memory resident; a fixed threshold returns big blocks to the OS at once.
-        env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
-    print(f"update: {args.seqs} completions x {args.update_tokens} tokens (prompt ~40 tokens), "
-          f"micro-batch {args.micro_batch}, LoRA r=16 on all projections, "
-          f"MALLOC_MMAP_THRESHOLD_={env.get('MALLOC_MMAP_THRESHOLD_', 'glibc default')}; "
-          "each row a fresh process", flush=True)
-    for lora_layers in (0, args.top_layers):
-        for checkpointing in ("on", "off"):
-            command = [sys.executable, __file__, "--update-worker", "--model", args.model,
-                       "--lora-layers", str(lora_layers), "--gradient-checkpointing", checkpointing,
-                       "--seqs", str(args.seqs), "--update-tokens", str(args.update_tokens),
-                       "--micro-batch", str(args.micro_batch)]
-            result = subprocess.run(command, capture_output=True, text=True, env=env)
-            label = f"LoRA on {'all layers' if lora_layers == 0 else f'top {lora_layers} layers'}, checkpointing {checkpointing}"
-            if result.returncode != 0:
-                print(f"  {label}: failed\n{result.stderr[-2000:]}", flush=True)
+    print(f"(b) update: {args.seqs} completions x {args.update_tokens} tokens, micro-batch "
+          f"{args.micro_batch}, LoRA r=16, gradient checkpointing on", flush=True)
+    for lora_layers in (4, 0):
+        seconds = {}
+        for dtype in ("float32", "bfloat16"):
+            r = run_worker(args, "--update-worker", "--dtype", dtype, "--lora-layers", str(lora_layers),
+                           "--seqs", str(args.seqs), "--update-tokens", str(args.update_tokens),
+                           "--micro-batch", str(args.micro_batch))
+            if r is None:
                 continue
-            r = json.loads(result.stdout.strip().splitlines()[-1])
-            print(f"  {label:>42}: update {r['update_s']:6.1f} s, peak RSS {r['rss_peak_gb']:5.1f} GB "
-                  f"(after loading {r['rss_loaded_gb']:.1f} GB)", flush=True)
+            seconds[dtype] = r["update_s"]
+            where = "all layers" if lora_layers == 0 else f"top {lora_layers} layers"
+            print(f"  LoRA on {where:>13}, {dtype:>8}: update {r['update_s']:6.1f} s, peak RSS "
+                  f"{r['rss_peak_gb']:5.1f} GB (after loading {r['rss_loaded_gb']:.1f} GB)", flush=True)
+        if len(seconds) == 2:
+            print(f"  {'':>22} bf16 speed-up: {seconds['float32'] / seconds['bfloat16']:.2f}x", flush=True)
+
+
+def bench_logprob_memory(args) -> None:
+    tokens = 1024
+    print(f"(c) log-prob memory at the gpu-8gb shapes: one micro-batch of 4 x {tokens} tokens, forward + "
+          "backward, float32, LoRA on all layers", flush=True)
+    peaks = {}
+    for label, chunk in (("in one piece (before)", tokens + 1), ("in chunks of 64 (now)", 64)):
+        r = run_worker(args, "--update-worker", "--dtype", "float32", "--lora-layers", "0", "--seqs", "4",
+                       "--update-tokens", str(tokens), "--micro-batch", "4", "--logprob-chunk", str(chunk))
+        if r is None:
+            continue
+        peaks[label] = r["rss_peak_gb"] - r["rss_loaded_gb"]
+        print(f"  vocabulary projected {label:>22}: peak RSS {r['rss_peak_gb']:5.1f} GB, "
+              f"{peaks[label]:.1f} GB above the loaded model, {r['update_s']:.0f} s", flush=True)
+    if len(peaks) == 2:
+        before, now = peaks.values()
+        print(f"  memory above the model, now / before: {now / before:.2f} (target <= 0.5)", flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="embedded", help="see azr_mini.py --help")
-    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
-    parser.add_argument("--prompts", type=int, default=16, help="prompts for (a)")
-    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per completion in (a)")
-    parser.add_argument("--batch", type=int, default=16, help="gen_batch_size of the batched run")
+    parser.add_argument("--only", choices=("a", "b", "c"), help="run one part")
+    parser.add_argument("--from-run", default="", help="replay the prompts of step 1 of this run")
+    parser.add_argument("--prompts", type=int, default=64, help="at most this many prompts in (a)")
+    parser.add_argument("--new-tokens", type=int, default=96, help="longest completion in (a)")
+    parser.add_argument("--batch", type=int, default=16, help="gen_batch_size in (a)")
+    parser.add_argument("--rounds", type=int, default=2, help="times each path of (a) runs, taking turns")
     parser.add_argument("--seqs", type=int, default=8, help="completions in the update (b)")
     parser.add_argument("--update-tokens", type=int, default=256, help="tokens per completion in (b)")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward in (b)")
-    parser.add_argument("--top-layers", type=int, default=4, help="the 'top layers only' configuration")
-    parser.add_argument("--malloc-mmap-threshold", type=int, default=0,
-                        help="bytes; if set, passed to glibc for the update runs (1048576 cut peak RSS by a third here)")
-    parser.add_argument("--skip-generation", action="store_true")
-    parser.add_argument("--skip-update", action="store_true")
-    # internal: one configuration of (b)
+    # internal: one worker process
+    parser.add_argument("--generate-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--update-worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--lora-layers", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--gradient-checkpointing", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--lora-layers", type=int, default=4, help=argparse.SUPPRESS)
+    parser.add_argument("--logprob-chunk", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.quick:
-        args.prompts, args.batch, args.new_tokens, args.seqs, args.update_tokens = 4, 4, 16, 2, 32
+    if args.generate_worker:
+        return generate_worker(args)
     if args.update_worker:
         return update_worker(args)
     print(f"bench_generate: model {args.model}, CPU, torch {torch.__version__}, {os.cpu_count()} cores, "
-          f"{torch.get_num_threads()} threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
-    if not args.skip_generation:
-        bench_generation(args)
-    if not args.skip_update:
-        bench_update(args)
+          f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
+    for part, run in (("a", bench_generation), ("b", bench_update), ("c", bench_logprob_memory)):
+        if args.only in (None, part):
+            run(args)
 
 
 if __name__ == "__main__":

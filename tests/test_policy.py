@@ -23,7 +23,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_policy("tiny", seed=0)
+    return load_policy("tiny", seed=0, dtype="float32")  # exact comparisons below
 
 
 def greedy(p, prompts, n=8, **kwargs):
@@ -215,17 +215,72 @@ def slow_logprobs(p, prompt, completion):
     return logp.gather(-1, torch.tensor(completion)[:, None])[:, 0]  # [T]
 
 
-def test_token_logprobs_match_direct_computation(tiny):
+def test_token_logprobs_match_direct_computation(tiny, monkeypatch):
     tiny.model.eval()
     ids = [tiny.encode(p) for p in PROMPTS]
     completions = [ids[(i + 1) % len(ids)][: 2 + 3 * i] for i in range(len(ids))]  # lengths 2..14
-    for micro_batch in (0, 2):
-        with torch.no_grad():
-            logp, mask = tiny.token_logprobs(ids, completions, micro_batch=micro_batch)
-        assert logp.shape == mask.shape == (len(ids), max(map(len, completions)))
-        for i, (p, c) in enumerate(zip(ids, completions)):
-            assert mask[i].sum() == len(c) and (logp[i, len(c):] == 0).all()
-            torch.testing.assert_close(logp[i, : len(c)], slow_logprobs(tiny, p, c), atol=1e-5, rtol=1e-5)
+    for chunk in (64, 4, 1):  # one vocabulary projection per response, or several
+        monkeypatch.setattr(tiny, "logprob_chunk", chunk)
+        for micro_batch in (0, 2):
+            with torch.no_grad():
+                logp, mask = tiny.token_logprobs(ids, completions, micro_batch=micro_batch)
+            assert logp.shape == mask.shape == (len(ids), max(map(len, completions)))
+            for i, (p, c) in enumerate(zip(ids, completions)):
+                assert mask[i].sum() == len(c) and (logp[i, len(c):] == 0).all()
+                torch.testing.assert_close(logp[i, : len(c)], slow_logprobs(tiny, p, c), atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_logprobs_give_the_same_gradients(monkeypatch):
+    p = load_policy("tiny", seed=0, dtype="float32", lora_dropout=0.0)
+    prompt_ids = [p.encode(x) for x in PROMPTS[:3]]
+    completion_ids = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]
+    grads = []
+    for chunk in (64, 3):
+        monkeypatch.setattr(p, "logprob_chunk", chunk)
+        grads.append(lora_grads(p, prompt_ids, completion_ids))
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name in grads[0]:  # equal up to float32 summation order
+        assert (grads[1][name] - grads[0][name]).norm() <= 1e-4 * grads[0][name].norm(), name
+
+
+def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert policy.resolve_dtype("auto", cuda) == torch.bfloat16
+    for avx512_bf16, amx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                   (False, False, torch.float32)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        assert policy.resolve_dtype("auto", cpu) == want
+    assert policy.resolve_dtype("float32", cuda) == torch.float32
+    assert policy.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match="--dtype"):
+        policy.resolve_dtype("fp8", cpu)
+
+
+def test_bf16_policy_samples_reproducibly_and_scores_in_float32():
+    p = load_policy("tiny", seed=0, dtype="bfloat16")
+    base = [t for n, t in p.model.named_parameters() if "lora_" not in n]
+    lora = [t for n, t in p.model.named_parameters() if "lora_" in n]
+    assert all(t.dtype == torch.bfloat16 for t in base) and all(t.dtype == torch.float32 for t in lora)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append([c.ids for c in p.generate(PROMPTS[:3], max_new_tokens=8, gen_batch_size=2)])
+    assert runs[0] == runs[1]
+    with torch.no_grad():
+        logp, mask = p.token_logprobs([c for c in [p.encode(x) for x in PROMPTS[:3]]], runs[0])
+    assert logp.dtype == torch.float32 and (logp[mask] < 0).all()
+
+
+def test_frozen_lm_head_gets_a_contiguous_input(tiny):
+    seen = []
+    head = tiny.model.get_base_model().get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    try:
+        greedy(tiny, PROMPTS[:2], n=2)
+    finally:
+        handle.remove()
+    assert seen and all(seen)  # see load_policy: a strided input made bf16 generate 2-3x slower
 
 
 def snapshot(p):
