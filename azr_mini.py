@@ -50,12 +50,12 @@ from tqdm import tqdm
 
 from executor import Executor
 from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
-from prompts import (ABDUCTION, DEDUCTION, INDUCTION, PROPOSE, SEED_TRIPLET, SOLVE, STOP, TASK_TYPES,
+from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAM, INDUCTION, PROPOSE, SEED_TRIPLET, SOLVE, STOP, TASK_TYPES,
                      THINK_PREFILL, InductionTask, Triplet, parse_induction_proposal, parse_proposal,
                      parse_solution, propose_abduction, propose_deduction, propose_induction,
                      solve_abduction, solve_deduction, solve_induction)
 from rewards import (OFFICIAL, PAPER, check_induction_proposals, check_proposals, composite_reward,
-                     grade, r_propose, trr_advantages)
+                     grade, is_copy, normalized, r_propose, trr_advantages)
 
 # ==================================================================================================
 # Configuration: one dataclass, every field a command-line flag
@@ -84,7 +84,8 @@ class Config:
     load_in_4bit: bool = flag(False, "QLoRA: quantize the frozen base model to 4-bit nf4 (bitsandbytes)")
     lora_r: int = flag(16, "LoRA rank")
     lora_alpha: int = flag(32, "LoRA alpha (the update is scaled by alpha / r)")
-    lora_dropout: float = flag(0.05, "dropout on the LoRA input during updates")
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input during updates (0: the update scores "
+                               "exactly the policy that sampled)")
     lora_target_modules: str = flag(",".join(LORA_TARGETS), "comma-separated module names that get LoRA")
     lora_layers: int = flag(4, "LoRA on the top N transformer layers only (0 = all); "
                             "backward then stops at the lowest adapted layer")
@@ -295,10 +296,12 @@ class Episode:
     truncated: bool
     parsed: object = None             # what the parser read (None: format error)
     valid: bool = False               # proposer: the task passed validation
+    copy: bool = False                # proposer: repeats its example or a buffer task (rewards.is_copy)
     r_role: float = 0.0               # Eq. 4 (proposer) or Eq. 5 (solver)
     reward: float = 0.0               # Eq. 6
     advantage: float = 0.0            # Eq. 8
     flags: list[str] = field(default_factory=list)   # alarming phrases found (monitor below)
+    entropy: float | None = None      # mean entropy of its tokens' sampling distributions (policy.py)
 
 
 # ==================================================================================================
@@ -349,7 +352,7 @@ def sample(policy: Policy, requests: list[Request], cfg: Config, timer: Timer, d
         completions = policy.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                       top_p=cfg.top_p, gen_batch_size=cfg.gen_batch_size,
                                       stop_strings=[STOP], desc=desc)
-    return [Episode(r, c.prompt_ids, c.ids, c.text, c.truncated, flags=alarming_phrases(c.text))
+    return [Episode(r, c.prompt_ids, c.ids, c.text, c.truncated, entropy=c.entropy, flags=alarming_phrases(c.text))
             for r, c in zip(requests, completions)]
 
 
@@ -373,8 +376,19 @@ def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: 
     return requests
 
 
-def validate_proposals(executor: Executor, episodes: list[Episode], cfg: Config, timer: Timer) -> list:
-    """Parse every proposal and validate it in the executor; returns the task (or None) per episode."""
+def known_proposals(buffers: Buffers, request: Request) -> set:
+    """What a proposal must not repeat (rewards.is_copy): the example and the buffer's programs for
+    deduction/abduction; for induction, the input sets of buffer tasks on the same program."""
+    if request.task_type == INDUCTION:
+        return {frozenset(normalized(i) for i, _ in task.visible + task.hidden)
+                for task in buffers[INDUCTION] if task.program == request.program}
+    return {normalized(EXAMPLE_PROGRAM)} | {normalized(task.program) for task in buffers[request.task_type]}
+
+
+def validate_proposals(executor: Executor, episodes: list[Episode], buffers: Buffers, cfg: Config,
+                       timer: Timer) -> list:
+    """Parse every proposal, reject copies, and validate the rest in the executor; returns the task
+    (or None) per episode."""
     tasks: list = [None] * len(episodes)
     program_idx = [k for k, e in enumerate(episodes) if e.request.task_type != INDUCTION]
     induction_idx = [k for k, e in enumerate(episodes) if e.request.task_type == INDUCTION]
@@ -382,10 +396,13 @@ def validate_proposals(executor: Executor, episodes: list[Episode], cfg: Config,
         episodes[k].parsed = parse_proposal(episodes[k].text)
     for k in induction_idx:
         episodes[k].parsed = parse_induction_proposal(episodes[k].text, cfg.n_inputs)
+    for e in episodes:
+        e.copy = is_copy(e.parsed, known_proposals(buffers, e.request))
+    new = [None if episodes[k].copy else episodes[k].parsed for k in range(len(episodes))]  # copies: not validated
     with timer("execute"):
-        checked = check_proposals(executor, [episodes[k].parsed for k in program_idx])
+        checked = check_proposals(executor, [new[k] for k in program_idx])
         checked += check_induction_proposals(executor, [episodes[k].request.program for k in induction_idx],
-                                             [episodes[k].parsed for k in induction_idx])
+                                             [new[k] for k in induction_idx])
     for k, task in zip(program_idx + induction_idx, checked):
         tasks[k] = task
         episodes[k].valid = task is not None
@@ -428,7 +445,7 @@ def seed_buffers(policy: Policy, executor: Executor, rng: random.Random, cfg: Co
         per_type = max(cfg.batch_size, cfg.gen_batch_size // len(short))
         episodes = sample(policy, proposer_requests(buffers, rng, cfg, "seed", short, per_type), cfg, timer,
                           desc=f"seeding round {round_ + 1}")
-        tasks = validate_proposals(executor, episodes, cfg, timer)
+        tasks = validate_proposals(executor, episodes, buffers, cfg, timer)
         for e, task in zip(episodes, tasks):
             t = e.request.task_type
             if task is not None and len(buffers[t]) < target:
@@ -454,7 +471,7 @@ def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: ra
     The buffers are not changed here: the caller adds the new tasks once the step is done."""
     # 1. PROPOSE, and validate each proposal in the executor.
     proposals = sample(policy, proposer_requests(buffers, rng, cfg, "propose"), cfg, timer, desc="propose")
-    tasks = validate_proposals(executor, proposals, cfg, timer)
+    tasks = validate_proposals(executor, proposals, buffers, cfg, timer)
     new_tasks: dict[str, list] = {t: [] for t in TASK_TYPES}
     for e, task in zip(proposals, tasks):
         if task is not None and task_key(task) not in {task_key(x) for x in new_tasks[e.request.task_type]}:
@@ -563,9 +580,11 @@ def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], bu
         m[f"buffer/{t}"] = len(buffers[t])
     proposals = [e for e in episodes if e.request.role == PROPOSE]
     m["valid_proposals"] = mean(e.valid for e in proposals)
+    m["copies"] = mean(e.copy for e in proposals)
     m["learnability"] = mean(e.r_role for e in proposals if e.valid)
     m["format_errors"] = mean(e.parsed is None for e in everything)
     m["truncated"] = mean(e.truncated for e in everything)
+    m["entropy"] = mean(e.entropy for e in everything if e.entropy is not None)
     m["zero_advantage"] = mean(e.advantage == 0.0 for e in episodes)
     m["flagged"] = sum(bool(e.flags) for e in everything)
     m["responses"] = len(everything)
@@ -588,7 +607,8 @@ def summary_line(m: dict) -> str:
         return "  -" if x is None else f"{100 * x:3.0f}%"
     return (f"step {m['step']:4d} | valid {pct(m['valid_proposals'])} | acc ded {pct(m['accuracy/deduction'])} "
             f"abd {pct(m['accuracy/abduction'])} ind {pct(m['accuracy/induction'])} | format err "
-            f"{pct(m['format_errors'])} | zero adv {pct(m['zero_advantage'])} | buffers "
+            f"{pct(m['format_errors'])} | zero adv {pct(m['zero_advantage'])} | entropy "
+            f"{'-' if m['entropy'] is None else format(m['entropy'], '.2f')} | buffers "
             f"{m['buffer/deduction']}/{m['buffer/abduction']}/{m['buffer/induction']} | "
             f"gen {m['time/generate']:.0f}s exec {m['time/execute']:.1f}s upd {m['time/update']:.0f}s")
 
@@ -610,7 +630,7 @@ class RunLog:
                 fh.write(json.dumps({
                     "step": step, "phase": r.phase, "task_type": r.task_type, "role": r.role,
                     "prompt": r.prompt, "completion": THINK_PREFILL + e.text, "truncated": e.truncated,
-                    "parsed": _jsonable(e.parsed), "valid": e.valid, "r_role": e.r_role, "reward": e.reward,
+                    "parsed": _jsonable(e.parsed), "valid": e.valid, "copy": e.copy, "r_role": e.r_role, "reward": e.reward,
                     "advantage": e.advantage, "flagged": e.flags,
                     "task": _jsonable(r.task),
                 }) + "\n")

@@ -135,13 +135,14 @@ class InductionProposal:
 
 ARGS_RULE = "The input is the argument list of one call, as Python literals: `[1, 2], 'ab'` means f([1, 2], 'ab')."
 
-# The proposer's layout example. The model copies it now and then; a copy is a known, easy task,
-# which earns little under the learnability reward (Eq. 4).
-EXAMPLE_PROPOSAL = (
-    "```python\ndef f(words, n):\n    counts = {}\n    for w in words:\n"
-    "        counts[w[:n]] = counts.get(w[:n], 0) + 1\n    return sorted(counts.items())\n```\n"
-    "```input\n['apple', 'apricot', 'banana'], 2\n```"
+# The proposer's layout example. The model copies it now and then; a copy is not a new task and
+# earns the invalid-proposal reward (rewards.py, copies).
+EXAMPLE_PROGRAM = (
+    "def f(words, n):\n    counts = {}\n    for w in words:\n"
+    "        counts[w[:n]] = counts.get(w[:n], 0) + 1\n    return sorted(counts.items())"
 )
+EXAMPLE_INPUT = "['apple', 'apricot', 'banana'], 2"
+EXAMPLE_PROPOSAL = f"```python\n{EXAMPLE_PROGRAM}\n```\n```input\n{EXAMPLE_INPUT}\n```"
 
 
 def _block(tag: str, body: str) -> str:

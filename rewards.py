@@ -30,6 +30,12 @@ Where we depart, and which rule is used:
   readable sequence-level equivalent. sigma is the sample standard deviation (Bessel-corrected,
   divide by n - 1), like torch.std's default and verl's masked whitening; eps = 1e-6. A group
   with one response or with all rewards equal gets A = 0 (nothing to compare against).
+- Copies are not tasks (not in the paper): a deduction/abduction proposal whose program repeats,
+  up to whitespace, the prompt's example or a program already in its buffer (its K references are
+  drawn from there), or an induction proposal whose inputs repeat those of a buffer task for the
+  same program, does not enter the buffer and earns the invalid-proposal reward (-1). Without
+  this, a small model farms Eq. 4 by handing back what it was shown. Induction inputs must also be
+  distinct values: a repeated input would put a hidden pair in the visible half.
 - Answers are never evaluated in this process: programs and inputs run in the executor's sandbox
   (which also caps their size); a predicted output is compared with the gold one by the
   executor's `same_value` (a restricted literal parser with a size cap, NaN == NaN; text that is
@@ -135,6 +141,34 @@ def composite_reward(role: str, well_formed: bool, r_role: float, rule: str = PA
 
 
 # ------------------------------------------------------------------------------------------------
+# Copies: a proposal that repeats what its proposer was shown is not a new task
+
+
+def normalized(text: str) -> str:
+    """Every run of whitespace made one space, so that copies differing only in layout match."""
+    return " ".join(text.split())
+
+
+def is_copy(proposal: Proposal | InductionProposal | None, known: set) -> bool:
+    """Whether a parsed proposal repeats a known one. `known` holds normalized programs (deduction,
+    abduction) or frozensets of normalized inputs (induction, for the same program)."""
+    if isinstance(proposal, Proposal):
+        return normalized(proposal.program) in known
+    if isinstance(proposal, InductionProposal):
+        return frozenset(map(normalized, proposal.inputs)) in known
+    return False
+
+
+def distinct_inputs(inputs: Sequence[str]) -> bool:
+    """No two inputs denote the same call: equal as values (same_value), or as text up to whitespace."""
+    for a in range(len(inputs)):
+        for b in range(a):
+            if normalized(inputs[a]) == normalized(inputs[b]) or same_value(inputs[a], inputs[b]):
+                return False
+    return True
+
+
+# ------------------------------------------------------------------------------------------------
 # Proposal validation: which proposals become tasks
 
 
@@ -157,12 +191,14 @@ def check_induction_proposals(
 ) -> list[InductionTask | None]:
     """Induction proposals (inputs + message for programs[k]) -> tasks (None: format error or invalid).
 
-    Kept only if every input validates (runs, safe, deterministic). The first half of the pairs
-    is shown to the solver, the rest hidden for grading (N = 10: 5 and 5). One validate_many call.
+    Kept only if the inputs are distinct and every one validates (runs, safe, deterministic). The
+    first half of the pairs is shown to the solver, the rest hidden for grading (N = 10: 5 and 5).
+    One validate_many call.
     """
     if len(programs) != len(proposals):
         raise ValueError("one program per induction proposal")
-    todo = [(k, p) for k, p in enumerate(proposals) if p is not None and len(p.inputs) >= 2]
+    todo = [(k, p) for k, p in enumerate(proposals)
+            if p is not None and len(p.inputs) >= 2 and distinct_inputs(p.inputs)]
     jobs = [(programs[k], i) for k, p in todo for i in p.inputs]
     results = iter(executor.validate_many(jobs) if jobs else [])
     tasks: list[InductionTask | None] = [None] * len(proposals)

@@ -6,8 +6,9 @@ within a process).
     task types from the seed triplet, and solvers on seed-derived tasks), or the prompts of step 1 of
     a run with --from-run. Sampled as the loop samples (T = 1, stop at "</answer>"). Reports *useful*
     tokens per second: completion tokens kept, divided by wall time, and peak memory, for
-      - today's path before issue 11: Policy.generate with float32 weights;
-      - the new path: Policy.generate with --dtype auto (bf16 on CPUs with AVX512-BF16 or AMX);
+      - the path before issue 11: transformers' `generate` on the LoRA model, float32;
+      - the new path: Policy.generate (shared prefix once, finished rows leave the batch), with
+        --dtype auto (bf16 on CPUs with AVX512-BF16 or AMX);
       - a reference: plain transformers `generate` on the base model (float32, no LoRA).
     The paths take turns (--rounds), since this VM's speed drifts.
 (b) The update: one LoRA update (log-probs, backward, optimizer step) on 8 completions of 256 tokens,
@@ -22,6 +23,7 @@ within a process).
 """
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,8 +41,11 @@ import azr_mini  # noqa: E402
 from policy import left_pad, length_sorted_batches, load_policy  # noqa: E402
 from prompts import SEED_TRIPLET, STOP, THINK_PREFILL, InductionTask, Triplet  # noqa: E402
 
-PATHS = {"float32 Policy.generate (before)": "float32", "Policy.generate --dtype auto (now)": "auto",
-         "plain transformers generate (reference)": "plain"}
+# Before issue 11, Policy.generate was transformers' `generate` on the LoRA model in float32, prompts
+# left-padded in length-sorted batches, stopping at "</answer>": the "before" path re-creates it.
+PATHS = {"before: transformers generate, LoRA, float32": "before",
+         "now: Policy.generate, --dtype auto": "auto",
+         "reference: transformers generate, base model, float32": "plain"}
 
 
 def peak_rss_gb() -> float:
@@ -75,22 +80,25 @@ def step_prompts(args) -> list[str]:
 def generate_worker(args) -> None:
     """One path of (a), in its own process; prints one JSON line."""
     torch.manual_seed(0)
-    dtype = "float32" if args.path == "plain" else args.path
+    dtype = "auto" if args.path == "auto" else "float32"
     policy = load_policy(args.model, device="cpu", dtype=dtype, lora_layers=4)
     prompts = [policy.format_chat(p, prefill=THINK_PREFILL) for p in step_prompts(args)][: args.prompts]
     policy.generate(prompts[:1], max_new_tokens=2)  # warm-up
     start = time.time()
-    if args.path == "plain":  # the base model alone, through transformers, batched the same way
-        base = policy.model.get_base_model()
-        with policy.model.disable_adapter(), torch.inference_mode():
+    if args.path in ("before", "plain"):  # transformers' generate, batched the same way
+        with contextlib.ExitStack() as stack, torch.inference_mode():
+            model = policy.model
+            if args.path == "plain":  # the base model alone
+                stack.enter_context(policy.model.disable_adapter())
+                model = policy.model.get_base_model()
             ids = [policy.encode(p) for p in prompts]
             kept = 0
             for batch in length_sorted_batches([len(i) for i in ids], args.batch):
                 input_ids, mask = left_pad([ids[i] for i in batch], policy.pad_id, policy.device)
-                out = base.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
-                                    do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
-                                    eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id,
-                                    stop_strings=[STOP], tokenizer=policy.tokenizer)
+                out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=args.new_tokens,
+                                     do_sample=True, temperature=1.0, top_p=1.0, top_k=0, repetition_penalty=1.0,
+                                     eos_token_id=policy.eos_ids, pad_token_id=policy.pad_id,
+                                     stop_strings=[STOP], tokenizer=policy.tokenizer)
                 kept += int((out[:, input_ids.shape[1]:] != policy.pad_id).sum())
     else:
         completions = policy.generate(prompts, max_new_tokens=args.new_tokens, gen_batch_size=args.batch,

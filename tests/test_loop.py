@@ -249,3 +249,38 @@ def test_4bit_tiny_run_of_two_steps(tmp_path):
     assert all(m["grad_norm"] > 0 for m in ms)
     cfg = parse_args(["--resume", str(run_dir)])
     assert cfg.load_in_4bit
+
+
+def test_copies_are_rejected_and_earn_the_invalid_reward():
+    """A proposal that repeats the prompt's example, a reference or a buffer task is not a new task."""
+    import random
+
+    from prompts import EXAMPLE_INPUT, EXAMPLE_PROGRAM
+
+    double = Triplet("def f(n):\n    return n * 2", "3", "6")
+    induction_task = InductionTask(double.program, "doubles", (("1", "2"), ("2", "4")), (("5", "10"), ("0", "0")))
+    buffers = {DEDUCTION: [SEED_TRIPLET, double], ABDUCTION: [SEED_TRIPLET, double], INDUCTION: [induction_task]}
+    script = {
+        (DEDUCTION, PROPOSE): [answer(("python", EXAMPLE_PROGRAM), ("input", EXAMPLE_INPUT)),       # the example
+                               answer(("python", "def f(a):\n  return a"), ("input", "[1, 2]"))],   # the seed, re-indented
+        (ABDUCTION, PROPOSE): [answer(("python", "def f(n):\n    return n  *  2"), ("input", "7")),  # a buffer task
+                               answer(("python", "def f(n):\n    return n - 1"), ("input", "7"))],  # new
+        (INDUCTION, PROPOSE): [answer(*[("input", i) for i in ("0", "5", "2", "1")], ("message", "m")),  # same inputs
+                               answer(*[("input", i) for i in ("7", "8", "9", "10")], ("message", "m"))],
+        (DEDUCTION, SOLVE): ["x"] * 2,
+        (ABDUCTION, SOLVE): ["x"] * 4,
+        (INDUCTION, SOLVE): ["x"] * 4,
+    }
+    cfg = Config(model="tiny", batch_size=2, learnability_rollouts=2, n_inputs=4)
+    policy = ScriptedPolicy(script)
+    rng = random.Random(0)
+    rng.choice = lambda sources: double  # the program the induction proposers write inputs for
+    with Executor(timeout_s=2, workers=2) as ex:
+        episodes, _, new_tasks = self_play_step(policy, ex, buffers, rng, cfg, azr_mini.Timer())
+    proposals = [e for e in episodes if e.request.role == PROPOSE]
+    assert [e.copy for e in proposals] == [True, True, True, False, True, False]
+    assert [e.valid for e in proposals] == [False, False, False, True, False, True]
+    assert all(e.reward == -1.0 for e in proposals if e.copy)  # the invalid-proposal reward
+    assert new_tasks[DEDUCTION] == [] and len(new_tasks[ABDUCTION]) == len(new_tasks[INDUCTION]) == 1
+    m = azr_mini.step_metrics(1, episodes, [], buffers, 0, azr_mini.Counter(), azr_mini.Timer(), {})
+    assert m["copies"] == pytest.approx(4 / 6)

@@ -2,6 +2,7 @@
 converted once into the cache. Tests marked slow load the real 0.5B model: pytest -m slow."""
 
 import hashlib
+import math
 import sys
 
 import pytest
@@ -275,12 +276,14 @@ def test_bf16_policy_samples_reproducibly_and_scores_in_float32():
 def test_frozen_lm_head_gets_a_contiguous_input(tiny):
     seen = []
     head = tiny.model.get_base_model().get_output_embeddings()
-    handle = head.register_forward_hook(lambda module, args, out: seen.append(args[0].is_contiguous()))
+    handle = head.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].stride() == torch.empty(args[0].shape).stride()))
     try:
-        greedy(tiny, PROMPTS[:2], n=2)
+        greedy(tiny, PROMPTS[:2], n=2)  # rows prefilled one at a time: [1, 1, H] slices of [1, L, H]
+        greedy(tiny, PROMPTS[:1], n=2)
     finally:
         handle.remove()
-    assert seen and all(seen)  # see load_policy: a strided input made bf16 generate 2-3x slower
+    assert seen and all(seen)  # plain strides; see load_policy: a strided input made bf16 3x slower
 
 
 def snapshot(p):
@@ -394,3 +397,53 @@ def test_embedded_model_4bit_lora_trains_a_step():
     before = total_logprob(p, [c.prompt_ids], [c.ids])
     one_step(p, [c.prompt_ids], [c.ids], lr=1e-3)
     assert total_logprob(p, [c.prompt_ids], [c.ids]) > before
+
+
+def test_sampling_ignores_a_models_generation_defaults(tmp_path):
+    """transformers fills any sampling field left unset from the model's generation_config.json; the
+    hub's Qwen instruct models set these. The loop samples at exactly its own settings."""
+    tokenizer = policy.load_tokenizer("tiny")
+    base = policy.tiny_model(tokenizer, seed=0)  # the weights load_policy("tiny", seed=0) builds
+    base.generation_config.update(repetition_penalty=1.1, temperature=0.7, top_p=0.8, top_k=20,
+                                  do_sample=True, min_new_tokens=4)
+    folder = tmp_path / "model"
+    base.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    assert "repetition_penalty" in (folder / "generation_config.json").read_text()
+    opinionated = load_policy(str(folder), seed=0, dtype="float32")
+    for greedy_ in (False, True):
+        runs = []
+        for p in (load_policy("tiny", seed=0, dtype="float32"), opinionated):
+            torch.manual_seed(11)
+            runs.append([c.ids for c in p.generate(PROMPTS, max_new_tokens=12, greedy=greedy_)])
+        assert runs[0] == runs[1]  # LoRA starts at zero, so both are the same model
+
+
+def test_generate_reports_the_mean_entropy_of_each_response(tiny):
+    torch.manual_seed(3)
+    [c] = tiny.generate(["def f(a):"], max_new_tokens=5, temperature=1.0)
+    with torch.no_grad():  # the direct computation: the distribution before each sampled token
+        logits = tiny.model(input_ids=torch.tensor([c.prompt_ids + c.ids])).logits[0, len(c.prompt_ids) - 1: -1]
+    logp = logits.float().log_softmax(-1)  # [T, V]
+    want = -(logp.exp() * logp).sum(-1).mean().item()
+    assert c.entropy == pytest.approx(want, rel=1e-4)
+    assert 0 < c.entropy < math.log(len(tiny.tokenizer))
+
+
+def test_sample_next_draws_from_the_tempered_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]])).repeat(20000, 1)  # [n, 5]
+    torch.manual_seed(0)
+    tokens, entropy = policy.sample_next(logits, temperature=1.0, top_p=1.0, greedy=False)
+    freq = torch.bincount(tokens, minlength=5) / len(tokens)
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.015, rtol=0)
+    assert freq[4] == 0  # a zero-probability token is never drawn
+    h = -sum(q * math.log(q) for q in (0.5, 0.3, 0.15, 0.05))
+    torch.testing.assert_close(entropy, torch.full_like(entropy, h))
+    tokens, entropy = policy.sample_next(logits, temperature=1.0, top_p=0.8, greedy=False)
+    freq = torch.bincount(tokens, minlength=5) / len(tokens)  # 0.5 + 0.3 reach 0.8: the rest is cut
+    torch.testing.assert_close(freq[:2], torch.tensor([0.625, 0.375]), atol=0.015, rtol=0)
+    assert freq[2:].sum() == 0
+    tokens, _ = policy.sample_next(logits[:3] / 0.5, temperature=0.5, top_p=1.0, greedy=True)
+    assert tokens.tolist() == [0, 0, 0]
+    cold, _ = policy.sample_next(logits, temperature=0.25, top_p=1.0, greedy=False)  # p^4, renormalized
+    assert (torch.bincount(cold, minlength=5)[0] / len(cold)).item() == pytest.approx(0.5**4 / sum(q**4 for q in (0.5, 0.3, 0.15, 0.05)), abs=0.015)

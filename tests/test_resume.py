@@ -31,8 +31,15 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory) -> Path:
-    return run_tiny(tmp_path_factory.mktemp("uninterrupted") / "run", *STEPS)
+def timed_run(tmp_path_factory) -> tuple[Path, float]:
+    start = time.perf_counter()
+    run_dir = run_tiny(tmp_path_factory.mktemp("uninterrupted") / "run", *STEPS)
+    return run_dir, time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(timed_run) -> Path:
+    return timed_run[0]
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:
@@ -105,9 +112,10 @@ def test_ctrl_c_while_checkpointing_finishes_the_checkpoint(uninterrupted, tmp_p
     assert_same_run(run_dir, uninterrupted)  # the last commit, its logs and checkpoint all landed
 
 
-def test_kill_9_at_random_moments_then_resume(uninterrupted, tmp_path):
-    """A real trainer process, killed with SIGKILL at random moments (seeding, steps, commits,
-    checkpoints), resumed each time; the last attempt runs to the end."""
+def test_kill_9_at_random_moments_then_resume(timed_run, tmp_path):
+    """A real trainer process, killed with SIGKILL at random moments of its work (seeding, steps,
+    commits, checkpoints), resumed each time; the last attempt runs to the end."""
+    uninterrupted, seconds = timed_run
     run_dir, rng, kills = tmp_path / "run", random.Random(0), []
     script = [sys.executable, str(ROOT / "tests" / "scripted.py")]
     for attempt in range(4):
@@ -115,19 +123,20 @@ def test_kill_9_at_random_moments_then_resume(uninterrupted, tmp_path):
             argv = script + ["--run-dir", str(run_dir), *STEPS]  # killed before its first checkpoint
         else:
             argv = script + ["--resume", str(run_dir)]
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         if attempt < 3:
-            delay = rng.uniform(6, 16)  # imports take about 5 s; a whole tiny run about 15 s more
+            proc.stdout.readline()  # "azr-mini: run folder ...": imports and model loading are done
+            delay = rng.uniform(0.05, 0.9) * seconds  # a moment within what an uninterrupted run takes
             try:
                 proc.wait(timeout=delay)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                kills.append((delay, azr_mini.latest_checkpoint(run_dir)))
-            proc.wait()
+                kills.append(delay)
+            proc.communicate()
         else:
             _, err = proc.communicate(timeout=300)
             assert proc.returncode == 0, err[-2000:]
-    assert kills, "no attempt was killed: the delays are too long for this machine"
+    assert kills, "no attempt was killed"
     assert_same_run(run_dir, uninterrupted)
 
 

@@ -25,7 +25,10 @@ from rewards import (
     check_induction_proposals,
     check_proposals,
     composite_reward,
+    distinct_inputs,
     grade,
+    is_copy,
+    normalized,
     r_propose,
     trr_advantages,
 )
@@ -271,3 +274,23 @@ def test_check_induction_proposals_split_and_reject(executor):
     assert len(odd.visible) == 1 and len(odd.hidden) == 2
     with pytest.raises(ValueError):
         check_induction_proposals(executor, [program], [])
+
+
+def test_induction_inputs_must_be_distinct(executor):
+    program = "def f(a):\n    return a"
+    repeated = [("1", "2", "3", "1"), ("[1, 2]", "[1,2]", "3", "4"), ("1", "True", "2", "3"), ("'a'", '"a"', "1", "2")]
+    for inputs in repeated:  # the same call twice: a hidden pair would also be visible
+        assert not distinct_inputs(inputs)
+        assert check_induction_proposals(executor, [program], [InductionProposal(inputs, "m")]) == [None]
+    assert distinct_inputs(("1", "2", "'1'", "[1]", "(1,)"))
+
+
+def test_copies_match_up_to_whitespace():
+    known = {normalized("def f(a):\n    return a")}
+    assert is_copy(Proposal("def f(a):\n        return a\n", "'other input'"), known)  # same program, any input
+    assert is_copy(Proposal("def  f(a): \n\treturn a", "1"), known)
+    assert not is_copy(Proposal("def f(a):\n    return a + 1", "1"), known)
+    seen_inputs = {frozenset({"1", "2", "[1, 2]"})}
+    assert is_copy(InductionProposal(("[1,  2]", "2", "1"), "m"), seen_inputs)  # the same inputs, reordered
+    assert not is_copy(InductionProposal(("1", "2", "3"), "m"), seen_inputs)
+    assert not is_copy(None, known)
