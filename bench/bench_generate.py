@@ -146,13 +146,15 @@ def run_worker(args, *extra: str) -> dict | None:
 
 def bench_generation(args) -> None:
     print(f"(a) rollouts: {len(step_prompts(args)[: args.prompts])} prompts of a cpu-preset step, up to "
-          f"{args.new_tokens} new tokens, T = 1, stop at {STOP!r}, batches of {args.batch}, "
+          f"{args.new_tokens} new tokens, T = 1, stop at {STOP!r}, batches of {args.batch_before} (before, "
+          f"reference) and {args.batch} (now), "
           f"{args.rounds} round(s), paths taking turns", flush=True)
     totals = {label: [0, 0.0, 0.0] for label in PATHS}  # tokens, seconds, peak RSS
     for round_ in range(args.rounds):
         for label, path in PATHS.items():
+            batch = args.batch if path == "auto" else args.batch_before
             r = run_worker(args, "--generate-worker", "--path", path, "--new-tokens", str(args.new_tokens),
-                           "--batch", str(args.batch), "--prompts", str(args.prompts),
+                           "--batch", str(batch), "--prompts", str(args.prompts),
                            *(["--from-run", args.from_run] if args.from_run else []))
             if r is None:
                 continue
@@ -214,7 +216,10 @@ def main() -> None:
     parser.add_argument("--from-run", default="", help="replay the prompts of step 1 of this run")
     parser.add_argument("--prompts", type=int, default=64, help="at most this many prompts in (a)")
     parser.add_argument("--new-tokens", type=int, default=96, help="longest completion in (a)")
-    parser.add_argument("--batch", type=int, default=16, help="gen_batch_size in (a)")
+    parser.add_argument("--batch", type=int, default=azr_mini.Config().gen_batch_size,
+                        help="gen_batch_size of the new path in (a): the cpu preset's")
+    parser.add_argument("--batch-before", type=int, default=16,
+                        help="gen_batch_size of the before and reference paths: the cpu preset's before issue 11")
     parser.add_argument("--rounds", type=int, default=2, help="times each path of (a) runs, taking turns")
     parser.add_argument("--seqs", type=int, default=8, help="completions in the update (b)")
     parser.add_argument("--update-tokens", type=int, default=256, help="tokens per completion in (b)")

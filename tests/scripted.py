@@ -56,10 +56,10 @@ class HalfScripted:
                 out.append(completion)
                 continue
             task_type, role = kind_of(prompt)
-            n = len(prompt) % 50
+            n = len(prompt) % 50  # new programs for new prompts: a repeated one is a copy
             text = {
-                (DEDUCTION, PROPOSE): answer(("python", "def f(n):\n    return n * 2"), ("input", str(n))),
-                (ABDUCTION, PROPOSE): answer(("python", "def f(n):\n    return n + 3"), ("input", str(n))),
+                (DEDUCTION, PROPOSE): answer(("python", f"def f(n):\n    return n * {n + 2}"), ("input", str(n))),
+                (ABDUCTION, PROPOSE): answer(("python", f"def f(n):\n    return n + {n + 3}"), ("input", str(n))),
                 (INDUCTION, PROPOSE): answer(*[("input", str(i)) for i in range(4)], ("message", "something")),
                 (DEDUCTION, SOLVE): answer(("output", "4")),
                 (ABDUCTION, SOLVE): answer(("input", "1")),

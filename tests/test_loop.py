@@ -172,9 +172,10 @@ def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
     for key in ["reward/deduction/propose", "reward/induction/solve", "valid_proposals", "accuracy/abduction",
                 "format_errors", "length/abduction/solve", "truncated", "zero_advantage", "buffer/induction",
                 "executor/calls", "time/generate", "time/execute", "time/update", "time/other",
-                "memory/peak_rss_mb", "flagged", "loss", "grad_norm"]:
+                "memory/peak_rss_mb", "flagged", "loss", "grad_norm", "entropy", "copies"]:
         assert key in m2, key
     assert m2["executor/calls"] > 0 and m2["trained_sequences"] > 0
+    assert 0 < m2["entropy"] < math.log(152_000)  # nats; at most log of the vocabulary size
 
     # the buffers hold validated triplets: the executor agrees with every stored output
     checkpoint = azr_mini.latest_checkpoint(full)

@@ -21,13 +21,7 @@ from scripted import ROOT, metrics, run_tiny, samples, without_timings
 STEPS = ["--steps", "3", "--save-every", "5", "--max-new-tokens", "8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread here and in scripted.py's subprocesses, so both compute the same numbers."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
