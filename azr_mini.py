@@ -397,8 +397,12 @@ def validate_proposals(executor: Executor, episodes: list[Episode], buffers: Buf
         episodes[k].parsed = parse_proposal(episodes[k].text)
     for k in induction_idx:
         episodes[k].parsed = parse_induction_proposal(episodes[k].text, cfg.n_inputs)
+    known: dict[tuple, set] = {}  # (task type, program) -> known_proposals, computed once per call
     for e in episodes:
-        e.copy = is_copy(e.parsed, known_proposals(buffers, e.request))
+        key = (e.request.task_type, e.request.program)
+        if key not in known:
+            known[key] = known_proposals(buffers, e.request)
+        e.copy = is_copy(e.parsed, known[key])
     new = [None if episodes[k].copy else episodes[k].parsed for k in range(len(episodes))]  # copies: not validated
     with timer("execute"):
         checked = check_proposals(executor, [new[k] for k in program_idx])

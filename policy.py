@@ -434,13 +434,11 @@ class Policy:
         width = max(len(r) for r in rows)
         layers = []
         for layer in range(len(row_caches[0])):
-            keys, values = ([F.pad(c[layer][kind], (0, 0, width - len(r), 0)) for c, r in zip(row_caches, rows)]
-                            for kind in (0, 1))
+            keys = [F.pad(c[layer][0], (0, 0, width - len(r), 0)) for c, r in zip(row_caches, rows)]
+            values = [F.pad(c[layer][1], (0, 0, width - len(r), 0)) for c, r in zip(row_caches, rows)]
             layers.append((torch.cat(keys), torch.cat(values)))  # [b, heads, width, dim] x2
         cache = DynamicCache(ddp_cache_data=layers, config=model.config)
-        attention_mask = torch.zeros(b, width, dtype=torch.long, device=self.device)  # [b, width]
-        for row, r in enumerate(rows):
-            attention_mask[row, width - len(r):] = 1
+        _, attention_mask = left_pad(rows, self.pad_id, self.device)  # [b, width]: 1 on each row's tokens
         logits = torch.stack(first_logits)  # [b, V]
         next_position = torch.tensor([[len(r)] for r in rows], device=self.device)  # [b, 1]
         alive = list(range(b))  # the rows still running, in cache order
@@ -472,7 +470,8 @@ class Policy:
 
     def _finish(self, prompt_ids: list[int], new_ids: list[int], stop_strings: list[str]) -> Completion:
         """Cut one row at its first EOS (kept in ids: the policy must learn when to stop) or right
-        after its first stop string, whichever comes first; drop the padding after it."""
+        after its first stop string, whichever comes first (decoding stopped the row there; this
+        finds the exact cut in ids and text, and whether the row was truncated)."""
         end = next((k + 1 for k, t in enumerate(new_ids) if t in self.eos_ids), None)
         ids = new_ids[:end] if end else new_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
