@@ -51,7 +51,7 @@ from tqdm import tqdm
 from executor import Executor
 from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
 from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAM, INDUCTION, PROPOSE, SEED_TRIPLET, SOLVE, STOP, TASK_TYPES,
-                     THINK_PREFILL, InductionTask, Triplet, parse_induction_proposal, parse_proposal,
+                     THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs, parse_induction_proposal, parse_proposal,
                      parse_solution, propose_abduction, propose_deduction, propose_induction,
                      solve_abduction, solve_deduction, solve_induction)
 from rewards import (OFFICIAL, PAPER, check_induction_proposals, check_proposals, composite_reward,
@@ -280,7 +280,7 @@ class Request:
     """One prompt to sample: who answers, about what."""
     task_type: str
     role: str
-    prompt: str                       # the user message (prompts.py)
+    prompt: Chat                      # system message, worked example, request (prompts.py)
     phase: str                        # seed | propose | learnability | solve
     task: Triplet | InductionTask | None = None   # what a solver answers
     program: str | None = None        # the program an induction proposer writes inputs for
@@ -348,7 +348,7 @@ def sample(policy: Policy, requests: list[Request], cfg: Config, timer: Timer, d
     """Generate one response per request (the assistant turn is pre-filled with "<think>")."""
     if not requests:
         return []
-    prompts = [policy.format_chat(r.prompt, prefill=THINK_PREFILL) for r in requests]
+    prompts = [policy.format_chat(r.prompt.messages(), prefill=THINK_PREFILL) for r in requests]
     with timer("generate"):
         completions = policy.generate(prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                       top_p=cfg.top_p, gen_batch_size=cfg.gen_batch_size,
@@ -377,12 +377,14 @@ def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: 
     return requests
 
 
-def known_proposals(buffers: Buffers, request: Request) -> set:
-    """What a proposal must not repeat (rewards.is_copy): the example and the buffer's programs for
-    deduction/abduction; for induction, the input sets of buffer tasks on the same program."""
+def known_proposals(buffers: Buffers, request: Request, n_inputs: int) -> set:
+    """What a proposal must not repeat (rewards.is_copy): the worked example and the buffer's programs
+    for deduction/abduction; for induction, the worked example's inputs and the input sets of buffer
+    tasks on the same program."""
     if request.task_type == INDUCTION:
-        return {frozenset(normalized(i) for i, _ in task.visible + task.hidden)
-                for task in buffers[INDUCTION] if task.program == request.program}
+        return {frozenset(map(normalized, example_induction_inputs(n_inputs)))} | {
+            frozenset(normalized(i) for i, _ in task.visible + task.hidden)
+            for task in buffers[INDUCTION] if task.program == request.program}
     return {normalized(EXAMPLE_PROGRAM)} | {normalized(task.program) for task in buffers[request.task_type]}
 
 
@@ -401,7 +403,7 @@ def validate_proposals(executor: Executor, episodes: list[Episode], buffers: Buf
     for e in episodes:
         key = (e.request.task_type, e.request.program)
         if key not in known:
-            known[key] = known_proposals(buffers, e.request)
+            known[key] = known_proposals(buffers, e.request, cfg.n_inputs)
         e.copy = is_copy(e.parsed, known[key])
     new = [None if episodes[k].copy else episodes[k].parsed for k in range(len(episodes))]  # copies: not validated
     with timer("execute"):
@@ -634,7 +636,7 @@ class RunLog:
                 r = e.request
                 fh.write(json.dumps({
                     "step": step, "phase": r.phase, "task_type": r.task_type, "role": r.role,
-                    "prompt": r.prompt, "completion": THINK_PREFILL + e.text, "truncated": e.truncated,
+                    "prompt": r.prompt.user, "completion": THINK_PREFILL + e.text, "truncated": e.truncated,
                     "parsed": _jsonable(e.parsed), "valid": e.valid, "copy": e.copy, "r_role": e.r_role, "reward": e.reward,
                     "advantage": e.advantage, "flagged": e.flags,
                     "task": _jsonable(r.task),

@@ -346,19 +346,22 @@ class Policy:
 
     # --- prompts ---
 
-    def format_chat(self, user_message: str, prefill: str = "", system: str | None = None) -> str:
-        """The prompt string for one user turn, ready for `generate`.
+    def format_chat(self, messages: str | list[dict[str, str]], prefill: str = "") -> str:
+        """The prompt string for a conversation, ready for `generate`: a list of {"role", "content"}
+        messages (system, user, assistant, ...; prompts.Chat.messages()) or one user message.
 
-        With a chat template (instruct models) the message goes through it and the assistant turn is
-        opened; a base model without one gets plain "User: ...\\nAssistant: ". `prefill` is appended
-        as the start of the assistant's answer (e.g. "<think>"): the completion continues after it,
-        so Completion.text does not contain it."""
+        With a chat template (instruct models) the messages go through it and the assistant turn is
+        opened; a base model without one gets plain text: the system message, then "User: ..." and
+        "Assistant: ..." turns, ending with an open "Assistant: ". `prefill` is appended as the start
+        of the assistant's answer (e.g. "<think>"): the completion continues after it, so
+        Completion.text does not contain it."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
         if self.tokenizer.chat_template:
-            messages = ([{"role": "system", "content": system}] if system else [])
-            messages.append({"role": "user", "content": user_message})
             prompt = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         else:
-            prompt = (f"{system}\n\n" if system else "") + f"User: {user_message}\nAssistant: "
+            names = {"user": "User: ", "assistant": "Assistant: ", "system": ""}
+            prompt = "".join(f"{names[m['role']]}{m['content']}\n\n" for m in messages) + "Assistant: "
         return prompt + prefill
 
     def encode(self, text: str) -> list[int]:

@@ -58,7 +58,6 @@ import textwrap
 from dataclasses import dataclass
 from typing import Sequence
 
-from executor import ALLOWED_MODULES, BANNED_MODULES
 
 # ------------------------------------------------------------------------------------------------
 # Names defined once: task types, roles, format markers
@@ -130,19 +129,75 @@ class InductionProposal:
 # ------------------------------------------------------------------------------------------------
 # Prompt pieces
 #
-# Short prompts, each ending with the exact layout of a response (see the module docstring for what
-# was measured on the 0.5B model).
+# Every prompt is a Chat: the format rule in a system message (the same for all six), one worked
+# example as an earlier exchange (a request of the same kind and its complete response), then the
+# real request. A 0.5B model copies a layout it has seen answered far more reliably than one it is
+# told about (bench/bench_play.py; the figures are in the module docstring).
+
+SYSTEM = (
+    "You invent and solve small Python puzzles. Every reply has exactly two parts: first your "
+    "reasoning inside <think> </think>, then your final answer inside <answer> </answer>. Close the "
+    "reasoning with </think> and the answer with </answer>, and write nothing after </answer>."
+)
 
 ARGS_RULE = "The input is the argument list of one call, as Python literals: `[1, 2], 'ab'` means f([1, 2], 'ab')."
+# A short list the proposer may import (the executor allows all of ALLOWED_MODULES and refuses the rest).
+PROMPT_MODULES = ("math", "itertools", "collections", "functools", "string", "re", "heapq", "bisect")
+MODULES_RULE = "it imports nothing, or only " + ", ".join(PROMPT_MODULES)
 
-# The proposer's layout example. The model copies it now and then; a copy is not a new task and
-# earns the invalid-proposal reward (rewards.py, copies).
+# The proposers' worked example. The model copies it now and then; a copy is not a new task and
+# earns the invalid-proposal reward (rewards.py, copies), so these are also what copies are checked
+# against (azr_mini.known_proposals).
 EXAMPLE_PROGRAM = (
     "def f(words, n):\n    counts = {}\n    for w in words:\n"
     "        counts[w[:n]] = counts.get(w[:n], 0) + 1\n    return sorted(counts.items())"
 )
 EXAMPLE_INPUT = "['apple', 'apricot', 'banana'], 2"
-EXAMPLE_PROPOSAL = f"```python\n{EXAMPLE_PROGRAM}\n```\n```input\n{EXAMPLE_INPUT}\n```"
+EXAMPLE_INDUCTION_INPUTS = (  # (input, the case it covers): the induction example shows the first N
+    (EXAMPLE_INPUT, "two words share a prefix"),
+    ("['cat', 'car', 'dog', 'cow'], 1", "n = 1"),
+    ("[], 3", "no words"),
+    ("['aa', 'ab', 'ba'], 2", "words as long as n"),
+    ("['x'], 5", "n longer than the word"),
+    ("['tree', 'trip', 'tram', 'toy'], 2", "three prefixes"),
+    ("['a', 'b', 'a'], 1", "a repeated word"),
+    ("['hello', 'help', 'hold'], 3", "n = 3"),
+    ("['one', 'two', 'three'], 0", "n = 0"),
+    ("['abc', 'abd'], 3", "two different prefixes"),
+    ("['sun', 'sea', 'sky', 'moon'], 1", "one prefix three times"),
+    ("['ab'], 1", "one word"),
+)
+EXAMPLE_MESSAGE = "Counts the words by their first n letters; returns (prefix, count) pairs sorted by prefix."
+
+# The solvers' worked example: one task seen three ways.
+SOLVER_EXAMPLE = Triplet(
+    program="def f(nums, k):\n    out = []\n    for n in nums:\n        if n % k == 0:\n"
+    "            out.append(n // k)\n    return sorted(out, reverse=True)",
+    input="[6, 7, 9, 12], 3",
+    output="[4, 3, 2]",
+)
+SOLVER_EXAMPLE_INDUCTION = InductionTask(
+    program=SOLVER_EXAMPLE.program,
+    message="Keeps the numbers divisible by k, divides them by k, largest first.",
+    visible=(("[6, 7, 9, 12], 3", "[4, 3, 2]"), ("[10, 4, 5], 5", "[2, 1]"), ("[1, 2, 3], 2", "[1]")),
+    hidden=(("[8, 16], 8", "[2, 1]"), ("[5, 7], 3", "[]"), ("[0, 9], 9", "[1, 0]")),
+)
+
+
+@dataclass(frozen=True)
+class Chat:
+    """What the model is shown for one request: the system message, worked examples as earlier turns
+    (request, complete response), and the request. policy.format_chat renders it."""
+
+    user: str  # the request itself
+    system: str = ""
+    examples: tuple[tuple[str, str], ...] = ()  # (user, assistant) turns shown before the request
+
+    def messages(self) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for request, response in self.examples:
+            out += [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
+        return out + [{"role": "user", "content": self.user}]
 
 
 def _block(tag: str, body: str) -> str:
@@ -153,108 +208,159 @@ def _triplet_blocks(t: Triplet) -> str:
     return "\n".join([_block("python", t.program), _block("input", t.input), _block("output", t.output)])
 
 
-def _layout(think: str, *blocks: str) -> str:
-    """The exact layout of a response."""
-    return f"<think>\n{think}\n</think>\n<answer>\n" + "\n".join(blocks) + "\n</answer>"
+def _response(think: str, *answer: str) -> str:
+    """A complete response, as a worked example shows it (the real one starts after THINK_PREFILL)."""
+    return f"{THINK_PREFILL}\n{think}\n</think>\n<answer>\n" + "\n".join(answer) + f"\n{STOP}"
 
 
-def _solver_layout(*blocks: str) -> str:
+# ------------------------------------------------------------------------------------------------
+# The six requests (the user message alone)
+
+
+def _program_request(task_type: str, references: Sequence[Triplet]) -> str:
+    """Proposer, deduction or abduction: a new (program, input) pair, given K reference triplets."""
+    if task_type == DEDUCTION:
+        goal = "another student will be shown the function and the input and must predict the output."
+    else:
+        goal = ("another student will be shown the function and its output for your input and must "
+                "find an input that gives that output.")
+    refs = "\n\n".join(_triplet_blocks(t) for t in references)
+    existing = "An existing puzzle" if len(references) == 1 else "Existing puzzles"
     return (
-        "Reply in exactly this layout: first your reasoning inside <think> </think>, then your "
-        "final answer inside <answer> </answer>.\n\n" + _layout("(your step-by-step reasoning)", *blocks)
+        f"Invent a new Python function `f` and one input for it, as a puzzle: {goal}\n\n"
+        f"{existing} (yours must be new and harder):\n\n{refs}\n\n"
+        "Rules: `f` takes at least one argument and returns a value; it is deterministic (no "
+        f"randomness, time, printing or files); {MODULES_RULE}. {ARGS_RULE}\n\n"
+        "Reason in <think> </think>, then give one python block and one input block in <answer> </answer>, and end your reply with </answer>."
     )
+
+
+def _induction_request(task: Triplet, n_inputs: int) -> str:
+    """Proposer, induction: N inputs for a given program (from the buffer), plus a message."""
+    return (
+        f"Here is a Python function, with one input for it:\n\n"
+        f"{_block('python', task.program)}\n{_block('input', task.input)}\n\n"
+        f"Write {n_inputs} different inputs for it (the one above counts as one of them if you use it) "
+        "and a one-line message that describes what it does, as a puzzle: another student will be shown the message and half of your inputs "
+        "with their outputs and must write the function, which is then checked on the other half. "
+        f"Cover different cases. Do not copy the code into the message. {ARGS_RULE}\n\n"
+        f"Reason in <think> </think>, then give one message block and exactly {n_inputs} input "
+        "blocks in <answer> </answer>, and end your reply with </answer>."
+    )
+
+
+def _deduction_request(task: Triplet) -> str:
+    return (
+        "What does this Python function return for the given input?\n\n"
+        f"{_block('python', task.program)}\n{_block('input', task.input)}\n\n"
+        "Trace the code step by step in <think> </think>, then write only the returned value, as a "
+        "Python literal (quotes around strings), in <answer> </answer>, and end your reply with </answer>."
+    )
+
+
+def _abduction_request(task: Triplet) -> str:
+    return (
+        "Find an input for which this Python function returns the given output.\n\n"
+        f"{_block('python', task.program)}\n{_block('output', task.output)}\n\n"
+        f"Any input that gives this output is correct. {ARGS_RULE} Reason in <think> </think>, then "
+        "write only the input in <answer> </answer>, and end your reply with </answer>."
+    )
+
+
+def _induction_solve_request(task: InductionTask) -> str:
+    pairs = "\n\n".join(f"{_block('input', i)}\n{_block('output', o)}" for i, o in task.visible)
+    return (
+        f"Write the Python function `f` that produced these outputs from these inputs. {ARGS_RULE}\n\n"
+        f"Hint from the author: {task.message}\n\n{pairs}\n\n"
+        "Your function is checked on other inputs of the same kind, so write the general rule, not "
+        "a lookup table. Reason in <think> </think>, then give the function in one python block in "
+        "<answer> </answer>, and end your reply with </answer>."
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# The worked examples: one (request, complete response) turn per kind of prompt
+
+
+def example_induction_inputs(n_inputs: int) -> tuple[str, ...]:
+    """The inputs the induction proposer's worked example shows (as many as asked, up to 12)."""
+    return tuple(i for i, _ in EXAMPLE_INDUCTION_INPUTS[:n_inputs])
+
+
+def worked_example(task_type: str, role: str, n_inputs: int = N_INPUTS) -> tuple[str, str]:
+    """The earlier turn shown before every request of this (task type, role): a request of the same
+    kind, about the example task, and its complete response."""
+    if role == PROPOSE and task_type == INDUCTION:
+        cases = EXAMPLE_INDUCTION_INPUTS[:n_inputs]
+        plan = "; ".join(f"{k}. {why}" for k, (_, why) in enumerate(cases, 1))
+        return _induction_request(Triplet(EXAMPLE_PROGRAM, EXAMPLE_INPUT, ""), len(cases)), _response(
+            f"f counts words by their first n letters. My {len(cases)} inputs: {plan}.",
+            _block("message", EXAMPLE_MESSAGE), *[_block("input", i) for i, _ in cases])
+    if role == PROPOSE:
+        proposal = _block("python", EXAMPLE_PROGRAM), _block("input", EXAMPLE_INPUT)
+        think = {
+            DEDUCTION: "The existing puzzle only returns its input. A harder one needs a loop and a "
+                       "dictionary: I will count words by their first n letters and return the sorted "
+                       "counts, so the solver must track the slices, the counts and the sorting.",
+            ABDUCTION: "The existing puzzle only returns its input, so its input is easy to recover. In "
+                       "mine the output is a sorted list of (prefix, count) pairs: the solver must "
+                       "invent words with those prefixes, the right number of each, and find n.",
+        }[task_type]
+        return _program_request(task_type, [SEED_TRIPLET]), _response(think, *proposal)
+    if task_type == DEDUCTION:
+        return _deduction_request(SOLVER_EXAMPLE), _response(
+            "k = 3. 6 % 3 == 0: append 6 // 3 = 2. 7 % 3 == 1: skip. 9 % 3 == 0: append 3. "
+            "12 % 3 == 0: append 4. out = [2, 3, 4], sorted in reverse: [4, 3, 2].",
+            SOLVER_EXAMPLE.output)  # the bare value: no fence to get wrong
+    if task_type == ABDUCTION:
+        return _abduction_request(SOLVER_EXAMPLE), _response(
+            "The output holds n // k for the numbers n divisible by k, largest first. With k = 2, the "
+            "numbers 8, 6 and 4 give 4, 3 and 2; 5 is not divisible by 2, so it is dropped. Check: "
+            "[4, 5, 6, 8], 2 gives [2, 3, 4], sorted in reverse [4, 3, 2].",
+            "[4, 5, 6, 8], 2")
+    return _induction_solve_request(SOLVER_EXAMPLE_INDUCTION), _response(
+        "Each output holds n // k for the numbers n in the list that k divides, largest first: "
+        "[6, 7, 9, 12], 3 keeps 6, 9 and 12 and gives [4, 3, 2].",
+        _block("python", SOLVER_EXAMPLE.program))
+
+
+def chat(task_type: str, role: str, request: str, n_inputs: int = N_INPUTS) -> Chat:
+    """A request with the system message and its worked example in front."""
+    return Chat(user=request, system=SYSTEM, examples=(worked_example(task_type, role, n_inputs),))
 
 
 # ------------------------------------------------------------------------------------------------
 # The six prompts
 
 
-def _propose_program(task_type: str, references: Sequence[Triplet]) -> str:
-    """Proposer, deduction or abduction: a new (program, input) pair, given K reference triplets."""
-    if task_type == DEDUCTION:
-        goal = "another student will be shown the function and the input and must predict the output."
-    else:
-        goal = (
-            "another student will be shown the function and its output for your input and must "
-            "find an input that gives that output."
-        )
-    refs = "\n\n".join(_triplet_blocks(t) for t in references)
-    existing = "An existing puzzle" if len(references) == 1 else "Existing puzzles"
-    return (
-        f"Invent a new Python function `f` and one input for it, as a puzzle: {goal}\n\n"
-        f"{existing} (yours must be different and harder):\n\n{refs}\n\n"
-        "Rules: `f` takes at least one argument and returns a value; it is deterministic (no "
-        "randomness, time, printing or files); it imports none of these modules: "
-        f"{', '.join(BANNED_MODULES)}; it may import {', '.join(ALLOWED_MODULES[:10])} and the like. "
-        f"{ARGS_RULE}\n\n"
-        "Answer in exactly this layout (reasoning in <think>, then the two blocks in <answer>). "
-        "Example:\n\n" + _layout("I will count words by their first n letters.", EXAMPLE_PROPOSAL)
-    )
-
-
-def propose_deduction(references: Sequence[Triplet]) -> str:
+def propose_deduction(references: Sequence[Triplet]) -> Chat:
     """Proposer, deduction: a program and an input whose output is hard to predict."""
-    return _propose_program(DEDUCTION, references)
+    return chat(DEDUCTION, PROPOSE, _program_request(DEDUCTION, references))
 
 
-def propose_abduction(references: Sequence[Triplet]) -> str:
+def propose_abduction(references: Sequence[Triplet]) -> Chat:
     """Proposer, abduction: a program and an input that is hard to recover from the output."""
-    return _propose_program(ABDUCTION, references)
+    return chat(ABDUCTION, PROPOSE, _program_request(ABDUCTION, references))
 
 
-def propose_induction(task: Triplet, n_inputs: int = N_INPUTS) -> str:
+def propose_induction(task: Triplet, n_inputs: int = N_INPUTS) -> Chat:
     """Proposer, induction: N inputs for a given program (from the buffer), plus a message."""
-    return (
-        f"Here is a Python function, with one input for it:\n\n"
-        f"{_block('python', task.program)}\n{_block('input', task.input)}\n\n"
-        f"Write {n_inputs} different inputs for it and a one-line message that describes what it "
-        "does, as a puzzle: another student will be shown the message and half of your inputs "
-        "with their outputs and must write the function, which is then checked on the other half. "
-        "Choose inputs that cover different cases. Do not copy the code into the message. "
-        f"{ARGS_RULE}\n\n"
-        f"Answer in exactly this layout (reasoning in <think>, then {n_inputs} input blocks and one "
-        "message block in <answer>). Example:\n\n"
-        + _layout(
-            "I will cover small, large and edge cases.",
-            _block("input", task.input),
-            _block("input", "(another input)"),
-            f"(... {n_inputs} input blocks in all ...)",
-            _block("message", "(one line describing f)"),
-        )
-    )
+    return chat(INDUCTION, PROPOSE, _induction_request(task, n_inputs), n_inputs)
 
 
-def solve_deduction(task: Triplet) -> str:
+def solve_deduction(task: Triplet) -> Chat:
     """Solver, deduction: given p and i, predict o."""
-    return (
-        "What does this Python function return for the given input?\n\n"
-        f"{_block('python', task.program)}\n{_block('input', task.input)}\n\n"
-        "Trace the code step by step, then write the returned value as a Python literal (quotes "
-        "around strings, a tuple in parentheses).\n\n" + _solver_layout(_block("output", "..."))
-    )
+    return chat(DEDUCTION, SOLVE, _deduction_request(task))
 
 
-def solve_abduction(task: Triplet) -> str:
+def solve_abduction(task: Triplet) -> Chat:
     """Solver, abduction: given p and o, find an input i' with p(i') == o."""
-    return (
-        "Find an input for which this Python function returns the given output.\n\n"
-        f"{_block('python', task.program)}\n{_block('output', task.output)}\n\n"
-        f"Any input that produces this output is correct. {ARGS_RULE} Put quotes around "
-        "strings.\n\n" + _solver_layout(_block("input", "..."))
-    )
+    return chat(ABDUCTION, SOLVE, _abduction_request(task))
 
 
-def solve_induction(task: InductionTask) -> str:
+def solve_induction(task: InductionTask) -> Chat:
     """Solver, induction: given the message and the visible pairs, write the program f."""
-    pairs = "\n\n".join(f"{_block('input', i)}\n{_block('output', o)}" for i, o in task.visible)
-    return (
-        f"Write the Python function `f` that produced these outputs from these inputs. {ARGS_RULE}\n\n"
-        f"Hint from the author: {task.message}\n\n"
-        f"{pairs}\n\n"
-        "Your function is checked on other inputs of the same kind, so write the general rule, not "
-        "a lookup table. It must be deterministic and use no input/output.\n\n"
-        + _solver_layout(_block("python", "def f(...):\n    ..."))
-    )
+    return chat(INDUCTION, SOLVE, _induction_solve_request(task))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,17 +474,11 @@ def parse_solution(task_type: str, text: str) -> str | None:
 # ------------------------------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    sample = Triplet(
-        program="def f(nums, k):\n    out = []\n    for n in nums:\n        if n % k == 0:\n"
-        "            out.append(n // k)\n    return sorted(out, reverse=True)",
-        input="[6, 7, 9, 12], 3",
-        output="[4, 3, 2]",
-    )
+    # A sample task of the kind the buffers hold (not the worked examples' own).
+    sample = Triplet(program="def f(s):\n    return s[::-1].upper()", input="'abc'", output="'CBA'")
     induction = InductionTask(
-        program=sample.program,
-        message="Keeps the numbers divisible by k, divides them by k, largest first.",
-        visible=(("[6, 7, 9, 12], 3", "[4, 3, 2]"), ("[10, 4, 5], 5", "[2, 1]")),
-        hidden=(("[1, 2, 3], 2", "[1]"),),
+        program=sample.program, message="Reverses the string and makes it upper case.",
+        visible=(("'abc'", "'CBA'"), ("'Hello'", "'OLLEH'")), hidden=(("''", "''"), ("'a b'", "'B A'")),
     )
     shown = [
         ("propose / deduction", propose_deduction([SEED_TRIPLET, sample])),
@@ -388,6 +488,9 @@ if __name__ == "__main__":
         ("solve / abduction", solve_abduction(sample)),
         ("solve / induction", solve_induction(induction)),
     ]
-    for title, message in shown:
-        print(f"{'=' * 30} {title} {'=' * 30}\n{message}\n")
+    for title, chat in shown:
+        print(f"{'#' * 30} {title} {'#' * 30}")
+        for message in chat.messages():
+            print(f"--- {message['role']} ---\n{message['content']}")
+        print()
     print(f"(the assistant turn starts with {THINK_PREFILL!r}; generation stops at {STOP!r})")

@@ -30,6 +30,7 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # Idle OpenMP threads sleep instead of spinning: on a CPU shared with other work, spinning threads
 # made generation 5-10x slower in our runs. Must be set before torch starts its thread pool.
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import azr_mini  # noqa: E402
 from policy import left_pad, length_sorted_batches, load_policy  # noqa: E402
-from prompts import SEED_TRIPLET, STOP, THINK_PREFILL, InductionTask, Triplet  # noqa: E402
+from prompts import SEED_TRIPLET, STOP, THINK_PREFILL, Chat, InductionTask, Triplet, chat  # noqa: E402
 
 # Before issue 11, Policy.generate was transformers' `generate` on the LoRA model in float32, prompts
 # left-padded in length-sorted batches, stopping at "</answer>": the "before" path re-creates it.
@@ -52,13 +53,15 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def step_prompts(args) -> list[str]:
-    """The user messages of one cpu-preset step (or of step 1 of a run)."""
+def step_prompts(args) -> list[Chat]:
+    """The prompts of one cpu-preset step (or of step 1 of a run, whose samples.jsonl keeps each
+    request; the system message and worked example are put back in front as the loop does)."""
+    cfg = azr_mini.Config()
     if args.from_run:
         with open(os.path.join(args.from_run, "samples.jsonl")) as fh:
             rows = [json.loads(line) for line in fh]
-        return [r["prompt"] for r in rows if r["step"] == 1]
-    cfg = azr_mini.Config()
+        n_inputs = json.loads(Path(args.from_run, "config.json").read_text())["n_inputs"]
+        return [chat(r["task_type"], r["role"], r["prompt"], n_inputs) for r in rows if r["step"] == 1]
     rng = __import__("random").Random(0)
     reverse = Triplet("def f(s):\n    return s[::-1]", "'abc'", "'cba'")
     buffers = {"deduction": [SEED_TRIPLET, reverse], "abduction": [SEED_TRIPLET, reverse], "induction": []}
@@ -82,7 +85,7 @@ def generate_worker(args) -> None:
     torch.manual_seed(0)
     dtype = "auto" if args.path == "auto" else "float32"
     policy = load_policy(args.model, device="cpu", dtype=dtype, lora_layers=4)
-    prompts = [policy.format_chat(p, prefill=THINK_PREFILL) for p in step_prompts(args)][: args.prompts]
+    prompts = [policy.format_chat(c.messages(), prefill=THINK_PREFILL) for c in step_prompts(args)][: args.prompts]
     policy.generate(prompts[:1], max_new_tokens=2)  # warm-up
     start = time.time()
     if args.path in ("before", "plain"):  # transformers' generate, batched the same way

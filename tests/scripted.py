@@ -24,7 +24,8 @@ def answer(*blocks: tuple[str, str], think: str = "let me think") -> str:
 
 
 def kind_of(prompt: str) -> tuple[str, str]:
-    """Which template a user message came from (see prompts.py)."""
+    """Which template a prompt came from (see prompts.py), read from its last user turn."""
+    prompt = prompt.rsplit("<|im_start|>user", 1)[-1]
     markers = [("must predict the output", DEDUCTION, PROPOSE),
                ("must find an input that gives", ABDUCTION, PROPOSE),
                ("different inputs for it", INDUCTION, PROPOSE),

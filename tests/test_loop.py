@@ -28,8 +28,8 @@ class ScriptedPolicy:
         self.param = torch.nn.Parameter(torch.zeros(1))
         self.logprob_calls = []
 
-    def format_chat(self, user_message: str, prefill: str = "") -> str:
-        return user_message + "\n<assistant>" + prefill
+    def format_chat(self, messages: list[dict], prefill: str = "") -> str:
+        return messages[-1]["content"] + "\n<assistant>" + prefill
 
     def generate(self, prompts, **kwargs) -> list[Completion]:
         out = []
@@ -285,3 +285,14 @@ def test_copies_are_rejected_and_earn_the_invalid_reward():
     assert new_tasks[DEDUCTION] == [] and len(new_tasks[ABDUCTION]) == len(new_tasks[INDUCTION]) == 1
     m = azr_mini.step_metrics(1, episodes, [], buffers, 0, azr_mini.Counter(), azr_mini.Timer(), {})
     assert m["copies"] == pytest.approx(4 / 6)
+
+
+def test_the_worked_examples_inputs_are_a_copy_for_induction():
+    from prompts import InductionProposal, example_induction_inputs, propose_induction
+    from rewards import is_copy
+
+    request = azr_mini.Request(INDUCTION, PROPOSE, propose_induction(SEED_TRIPLET, 4), "propose",
+                               program=SEED_TRIPLET.program)
+    known = azr_mini.known_proposals({DEDUCTION: [], ABDUCTION: [], INDUCTION: []}, request, 4)
+    assert is_copy(InductionProposal(example_induction_inputs(4), "m"), known)
+    assert not is_copy(InductionProposal(("1", "2", "3", "4"), "m"), known)

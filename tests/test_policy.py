@@ -10,6 +10,8 @@ import torch
 
 import azr_mini
 import policy
+import prompts
+from prompts import Chat
 from policy import length_sorted_batches, load_policy, stop_end
 
 
@@ -129,9 +131,19 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
 def test_format_chat_uses_template_and_prefill(tiny, monkeypatch):
     prompt = tiny.format_chat("Reverse 'abc'.", prefill="<think>")
     assert "Reverse 'abc'." in prompt and prompt.endswith("<|im_start|>assistant\n<think>")
-    assert tiny.format_chat("hi", system="Be brief.").startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    chat = Chat(user="hi", system="Be brief.", examples=(("2 + 2?", "4"),))
+    assert tiny.format_chat(chat.messages()) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2 + 2?<|im_end|>\n"
+        "<|im_start|>assistant\n4<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_a_base_model_gets_plain_text_without_chat_markers(tiny, monkeypatch):
     monkeypatch.setattr(tiny.tokenizer, "chat_template", None)  # a base model
-    assert tiny.format_chat("hi", prefill="<think>") == "User: hi\nAssistant: <think>"
+    assert tiny.format_chat("hi", prefill="<think>") == "User: hi\n\nAssistant: <think>"
+    chat = Chat(user="hi", system="Be brief.", examples=(("2 + 2?", "4"),))
+    assert tiny.format_chat(chat.messages()) == "Be brief.\n\nUser: 2 + 2?\n\nAssistant: 4\n\nUser: hi\n\nAssistant: "
+    real = tiny.format_chat(prompts.propose_deduction([prompts.SEED_TRIPLET]).messages(), prefill="<think>")
+    assert "<|im_start|>" not in real and "<|im_end|>" not in real and real.endswith("Assistant: <think>")
 
 
 # --- generation ------------------------------------------------------------------------------------

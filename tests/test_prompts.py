@@ -13,7 +13,9 @@ from prompts import (
     ABDUCTION,
     DEDUCTION,
     INDUCTION,
+    PROPOSE,
     SEED_TRIPLET,
+    SOLVE,
     InductionProposal,
     InductionTask,
     Proposal,
@@ -43,55 +45,87 @@ def block(tag: str, body: str) -> str:
 # Prompts
 
 
-def test_six_prompts_show_the_task_and_the_answer_layout():
+def six_prompts():
     ind = InductionTask("def f(a):\n    return a * 2", "doubles its argument", (("3", "6"), ("'ab'", "'abab'")), (("[1]", "[1, 1]"),))
-    for text, must in [
-        (prompts.propose_deduction([SEED_TRIPLET, SAMPLE]), ["```python\ndef f(a):", "'Hello world'", "[3, 6]", "predict the output"]),
-        (prompts.propose_abduction([SAMPLE]), [SAMPLE.program, "```input\n[1, 2], 3\n```", "find an input"]),
-        (prompts.propose_induction(SAMPLE, n_inputs=7), ["Write 7 different inputs", "```message\n", SAMPLE.program, "[1, 2], 3"]),
-        (prompts.solve_deduction(SAMPLE), [SAMPLE.program, "```input\n[1, 2], 3\n```", "```output\n"]),
-        (prompts.solve_abduction(SAMPLE), [SAMPLE.program, "```output\n[3, 6]\n```", "```input\n"]),
-        (prompts.solve_induction(ind), ["doubles its argument", "```input\n'ab'\n```", "```output\n'abab'\n```", "```python\n"]),
-    ]:
-        # every prompt ends with the exact layout of a response, which itself parses
-        assert text.endswith("\n</answer>") and parse_response(text[text.rindex("<think>") :]) is not None
+    return ind, [
+        (PROPOSE, DEDUCTION, prompts.propose_deduction([SEED_TRIPLET, SAMPLE]), ["```python\ndef f(a):", "'Hello world'", "[3, 6]", "predict the output"]),
+        (PROPOSE, ABDUCTION, prompts.propose_abduction([SAMPLE]), [SAMPLE.program, "```input\n[1, 2], 3\n```", "find an input"]),
+        (PROPOSE, INDUCTION, prompts.propose_induction(SAMPLE, n_inputs=7), ["Write 7 different inputs", "message block", SAMPLE.program, "[1, 2], 3"]),
+        (SOLVE, DEDUCTION, prompts.solve_deduction(SAMPLE), [SAMPLE.program, "```input\n[1, 2], 3\n```", "returned value"]),
+        (SOLVE, ABDUCTION, prompts.solve_abduction(SAMPLE), [SAMPLE.program, "```output\n[3, 6]\n```", "only the input"]),
+        (SOLVE, INDUCTION, prompts.solve_induction(ind), ["doubles its argument", "```input\n'ab'\n```", "```output\n'abab'\n```", "python block"]),
+    ]
+
+
+def parse_as(role: str, task_type: str, text: str, n_inputs: int = 7):
+    if role == PROPOSE:
+        return parse_induction_proposal(text, n_inputs) if task_type == INDUCTION else parse_proposal(text)
+    return parse_solution(task_type, text)
+
+
+def test_six_prompts_are_a_system_message_a_worked_example_and_the_request():
+    ind, shown = six_prompts()
+    for role, task_type, chat, must in shown:
+        assert chat.system == prompts.SYSTEM and len(chat.examples) == 1
+        assert [m["role"] for m in chat.messages()] == ["system", "user", "assistant", "user"]
+        example_request, example_response = chat.examples[0]
+        # the example is a request of the same kind, and its response is complete and parses as one
+        assert example_request.split("\n")[0] == chat.user.split("\n")[0]
+        assert example_response.startswith(prompts.THINK_PREFILL) and example_response.endswith(prompts.STOP)
+        assert parse_as(role, task_type, example_response) is not None, (role, task_type)
         for m in must:
-            assert m in text
+            assert m in chat.user, (role, task_type, m)
     # the solver never sees what it must produce
-    assert "[3, 6]" not in prompts.solve_deduction(SAMPLE)
-    assert "[1, 2], 3" not in prompts.solve_abduction(SAMPLE)
-    assert "[1, 1]" not in prompts.solve_induction(ind) and ind.program not in prompts.solve_induction(ind)
+    assert "[3, 6]" not in prompts.solve_deduction(SAMPLE).user
+    assert "[1, 2], 3" not in prompts.solve_abduction(SAMPLE).user
+    assert "[1, 1]" not in prompts.solve_induction(ind).user and ind.program not in prompts.solve_induction(ind).user
 
 
-def test_proposer_layout_example_parses_as_a_proposal():
-    text = prompts.propose_abduction([SAMPLE, SEED_TRIPLET])
-    proposal = parse_proposal(text[text.rindex("<think>") :])
-    assert proposal is not None and proposal.input == "['apple', 'apricot', 'banana'], 2"
+def test_worked_examples_are_right():
+    """Each example response is what the executor says is a valid proposal or a correct answer."""
+    from executor import Executor
+    from rewards import grade
+
+    ded = prompts.propose_deduction([SEED_TRIPLET]).examples[0][1]
+    proposal = parse_proposal(ded)
+    assert (proposal.program, proposal.input) == (prompts.EXAMPLE_PROGRAM, prompts.EXAMPLE_INPUT)
+    inputs = parse_induction_proposal(prompts.propose_induction(SAMPLE, n_inputs=10).examples[0][1], 10).inputs
+    assert inputs == prompts.example_induction_inputs(10) and len(set(inputs)) == 10
+    example = prompts.SOLVER_EXAMPLE
+    answers = [(task_type, task, parse_solution(task_type, chat.examples[0][1])) for task_type, task, chat in [
+        (DEDUCTION, example, prompts.solve_deduction(SAMPLE)),
+        (ABDUCTION, example, prompts.solve_abduction(SAMPLE)),
+        (INDUCTION, prompts.SOLVER_EXAMPLE_INDUCTION, prompts.solve_induction(prompts.SOLVER_EXAMPLE_INDUCTION))]]
+    with Executor(timeout_s=5.0, workers=1) as ex:
+        runs = ex.validate_many([(prompts.EXAMPLE_PROGRAM, i) for i in prompts.example_induction_inputs(12)])
+        assert [r.status for r in runs] == ["ok"] * len(runs)
+        assert grade(ex, answers) == [1.0, 1.0, 1.0]
+        pairs = prompts.SOLVER_EXAMPLE_INDUCTION.visible + prompts.SOLVER_EXAMPLE_INDUCTION.hidden
+        assert [r.value for r in ex.validate_many([(example.program, i) for i, _ in pairs])] == [o for _, o in pairs]
 
 
-def test_proposer_rules_list_the_banned_modules_and_some_allowed_ones():
+def test_the_bare_value_answer_of_the_solver_examples_is_read_as_the_value():
+    assert parse_solution(DEDUCTION, prompts.solve_deduction(SAMPLE).examples[0][1]) == "[4, 3, 2]"
+    assert parse_solution(ABDUCTION, prompts.solve_abduction(SAMPLE).examples[0][1]) == "[4, 5, 6, 8], 2"
+
+
+def test_proposer_rules_list_a_few_allowed_modules_only():
     from executor import ALLOWED_MODULES, BANNED_MODULES
 
-    text = prompts.propose_deduction([SEED_TRIPLET])
-    banned = text.split("it imports none of these modules: ")[1].split("; ")[0].split(", ")
-    allowed = text.split("it may import ")[1].split(" and the like")[0].split(", ")
-    assert banned == list(BANNED_MODULES)
-    assert allowed == list(ALLOWED_MODULES[:10]) and not set(allowed) & set(BANNED_MODULES)
+    text = prompts.propose_deduction([SEED_TRIPLET]).user
+    listed = text.split("it imports nothing, or only ")[1].split(". ")[0].split(", ")
+    assert listed == list(prompts.PROMPT_MODULES)
+    assert set(listed) <= set(ALLOWED_MODULES) and not set(listed) & set(BANNED_MODULES)
 
 
-def test_proposer_layout_example_is_a_valid_program():
-    from executor import Executor
-
-    proposal = parse_proposal(" x </think><answer>" + prompts.EXAMPLE_PROPOSAL + "</answer>")
-    with Executor(timeout_s=5.0, workers=1) as ex:
-        assert ex.validate(proposal.program, proposal.input).status == "ok"
-
-
-def test_python_prompts_prints_all_six():
+def test_python_prompts_prints_all_six_with_system_message_and_example_turns():
     out = subprocess.run([sys.executable, "prompts.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for title in ["propose / deduction", "propose / abduction", "propose / induction", "solve / deduction", "solve / abduction", "solve / induction"]:
         assert title in out.stdout
+    assert out.stdout.count(prompts.SYSTEM) == 6
+    assert out.stdout.count("--- assistant ---") == 6 and out.stdout.count("--- user ---") == 12
+    assert prompts.EXAMPLE_PROGRAM in out.stdout
 
 
 # ------------------------------------------------------------------------------------------------
