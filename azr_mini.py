@@ -17,10 +17,11 @@ The other files: executor.py (the environment), prompts.py (what each role sees 
 is read), rewards.py (Eq. 4-6 and 8), policy.py (the model: loading, sampling, log-probs).
 
 Where it departs from the paper, and why:
-- LoRA adapters (optionally on a 4-bit base) instead of full fine-tuning, and plain Hugging Face
-  `generate` instead of vLLM: one process, one GPU or a CPU.
-- Batches are tiny by default (2 tasks per type and role instead of 64, 2 learnability rollouts
-  instead of 8, short responses) so that a CPU finishes a step in minutes. The presets scale up.
+- LoRA adapters (optionally on a 4-bit base) instead of full fine-tuning, and a short sampling loop
+  over a Hugging Face model (policy.py) instead of vLLM: one process, one GPU or a CPU.
+- Batches are small by default (6 tasks per type and role instead of 64, 4 learnability rollouts
+  instead of 8, 320-token responses) so that a CPU finishes a step in minutes; 6 responses per
+  (task type, role) is the least that gives TRR++ something to compare. The presets scale up.
 - Learnability rollouts and the solve batch go through one `generate` call (both are solver
   prompts), and so do all proposals of a step: fewer, fuller batches.
 - Responses with a zero advantage are skipped in the update: their gradient is exactly zero.
@@ -102,11 +103,11 @@ class Config:
     gen_batch_size: int = flag(64, "prompts decoded together: bounds memory; on a CPU a decoding step "
                                "costs about the same for 16 rows or 64, so larger is faster")
     # --- self-play (Algorithm 1) ---
-    batch_size: int = flag(2, "tasks per (task type, role) per step (paper: 64)")
+    batch_size: int = flag(6, "tasks per (task type, role) per step: the size of each TRR++ group (paper: 64)")
     n_references: int = flag(2, "K: reference triplets shown to a deduction/abduction proposer (paper: 6)")
     n_inputs: int = flag(6, "N: inputs an induction proposer writes; half shown, half hidden (paper: 10)")
-    learnability_rollouts: int = flag(2, "n: solver rollouts on each new task for Eq. 4 (paper: 8)")
-    seed_buffer_size: int = flag(3, "triplets each buffer should hold before training (paper: 256)")
+    learnability_rollouts: int = flag(4, "n: solver rollouts on each new task for Eq. 4 (paper: 8)")
+    seed_buffer_size: int = flag(6, "triplets each buffer should hold before training (paper: 256)")
     seed_rounds: int = flag(4, "at most this many rounds of seeding proposals (each fills one generation batch)")
     buffer_cap: int = flag(2000, "a buffer keeps its newest N tasks")
     reward_rule: str = flag(PAPER, "Eq. 6 for a valid proposal that is trivial or impossible: 'paper' "

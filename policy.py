@@ -277,6 +277,13 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def prefix_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices in the order of their rows' tokens (prompts that share a system message and worked
+    example become neighbours), cut into batches."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 def stop_end(text: str, stop_strings: list[str]) -> int | None:
     """Index just past the earliest-ending stop string in text, or None: generation halts the moment
     any stop string is complete, so the earliest end is where it halted."""
@@ -319,6 +326,27 @@ def shared_prefix_length(rows: list[list[int]]) -> int:
         if any(r[k] != rows[0][k] for r in rows):
             return k
     return max(n, 0)
+
+
+def prefix_groups(rows: list[list[int]], start: int, min_gain: int = 32) -> list[tuple[list[int], int]]:
+    """Neighbouring rows that share a longer prefix than the batch-wide one (`start` tokens), as
+    (row indices, shared length) groups: with prompts sorted, the requests of one kind (system
+    message and worked example) sit together. A row joins the group before it while they share at
+    least start + min_gain tokens; a row alone shares only `start`."""
+    groups: list[tuple[list[int], int]] = []
+    for i, row in enumerate(rows):
+        if groups:
+            members, shared = groups[-1]
+            first = rows[members[0]]
+            limit = min(shared, len(row) - 1, len(first) - 1)
+            k = 0
+            while k < limit and row[k] == first[k]:
+                k += 1
+            if k >= start + min_gain:
+                groups[-1] = (members + [i], k)
+                continue
+        groups.append(([i], len(row) - 1))
+    return [(members, shared if len(members) > 1 else start) for members, shared in groups]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -384,9 +412,11 @@ class Policy:
     ) -> list[Completion]:
         """Sample one completion per prompt (greedy=True: argmax decoding), in input order.
 
-        Prompts are grouped by length into batches of at most gen_batch_size. In each batch:
-          1. the prefix all its prompts share (chat template, system message, instructions) is run
-             once and its key/value cache copied to every row;
+        Prompts are sorted by their tokens, so that those of one kind are neighbours, and cut into
+        batches of at most gen_batch_size. In each batch:
+          1. the prefix all its prompts share (the chat template, the system message) is run once,
+             and so is the longer prefix each group of neighbours shares (a worked example); their
+             key/value caches are copied to the rows;
           2. the rest of each prompt is run row by row (no padding to compute), and the rows' caches
              are stacked, left-padded, with the padding masked;
           3. then one token per step (sample_next) for the rows still running. A row that ends, at
@@ -401,7 +431,7 @@ class Policy:
         self.model.eval()  # no LoRA dropout; checkpointing off, so the KV cache is used
         bar = tqdm(desc=desc, unit="tok", leave=False, dynamic_ncols=True, disable=desc is None)
         try:
-            for batch in length_sorted_batches([len(p) for p in prompt_ids], gen_batch_size):
+            for batch in prefix_sorted_batches(prompt_ids, gen_batch_size):
                 rows = [prompt_ids[i] for i in batch]
                 for i, (new_ids, entropies) in zip(batch, self._decode(rows, max_new_tokens, temperature, top_p,
                                                                        greedy, stop_strings, bar)):
@@ -414,6 +444,13 @@ class Policy:
             self.model.train(was_training)
         return completions
 
+    def _extend(self, cache: DynamicCache, row: list[int], start: int, end: int) -> torch.Tensor:
+        """Run row[start:end] on top of a cache holding row[:start]; the logits after its last token."""
+        ids = torch.tensor([row[start:end]], device=self.device)  # [1, end - start]
+        positions = torch.arange(start, end, device=self.device)[None]
+        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return out.logits[0, -1]  # [V]
+
     def _decode(self, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
                 greedy: bool, stop_strings: list[str], bar: tqdm) -> list[tuple[list[int], list[float]]]:
         """One batch: (new token ids, entropy per token) for each row; see generate."""
@@ -423,16 +460,20 @@ class Policy:
         if shared:  # 1. the shared prefix, once
             model(input_ids=torch.tensor([rows[0][:shared]], device=self.device), past_key_values=prefix,
                   use_cache=True, logits_to_keep=1)
-        # 2. each row's own rest, one row at a time: no padding to compute, no mask to apply. Padding
-        #    cost a third of the prefill on a cpu-preset step (prompts of 150 to 550 tokens).
-        first_logits, row_caches = [], []
-        for r in rows:
-            cache = copy.deepcopy(prefix)  # [1, heads, shared, dim] per layer
-            own = torch.tensor([r[shared:]], device=self.device)  # [1, len(r) - shared]
-            positions = torch.arange(shared, len(r), device=self.device)[None]
-            out = model(input_ids=own, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            first_logits.append(out.logits[0, -1])  # [V]
-            row_caches.append(list(cache))  # per layer (keys, values, _): [1, heads, len(r), dim]
+        # 2. the longer prefix each group of rows shares (system message and worked example), once
+        #    per group; then each row's own rest, one row at a time: no padding to compute, no mask
+        #    to apply (padding cost a third of the prefill on a cpu-preset step).
+        first_logits, row_caches = [None] * b, [None] * b
+        for members, group_shared in prefix_groups(rows, shared):
+            group = prefix
+            if group_shared > shared:
+                group = copy.deepcopy(prefix)
+                self._extend(group, rows[members[0]], shared, group_shared)
+            for i in members:
+                cache = copy.deepcopy(group)  # [1, heads, group_shared, dim] per layer
+                first_logits[i] = self._extend(cache, rows[i], group_shared, len(rows[i]))  # [V]
+                row_caches[i] = list(cache)  # per layer (keys, values, _): [1, heads, len(row), dim]
+                bar.set_postfix_str(f"prompts read {sum(c is not None for c in row_caches)}/{b}")
         # ... then stacked, left-padded with zeros that the attention mask hides.
         width = max(len(r) for r in rows)
         layers = []

@@ -8,10 +8,12 @@ task types, all built from a triplet (program p, input i, output o = p(i)):
     abduction   p and i  (given K reference triplets)  p, o                 an input i'
     induction   N inputs + a message m for a given p  m, half the (i, o)   a program p'
 
-This file holds the six prompts (one function each, returning the USER MESSAGE only: applying the
-model's chat template, or plain text for a base model, is policy.py's job), the records those tasks
-are stored in, and the parsers that read a sampled response. `python prompts.py` prints all six
-prompts for a sample task, so you can see exactly what the model sees.
+This file holds the six prompts, the records those tasks are stored in, and the parsers that read a
+sampled response. A prompt is a Chat: the format rule in a system message, one worked example as
+an earlier exchange (a request of the same kind and its complete response), then the request.
+Rendering it with the model's chat template, or as plain "User: / Assistant:" text for a base
+model, is policy.format_chat's job. `python prompts.py` prints all six for a sample task, system
+message and example turns included: exactly what the model sees.
 
 Response format. Every response is
 
@@ -32,16 +34,18 @@ Parsers return a small record, or None on a format error, and never raise: they 
 / rfind (no regular expressions), so they run in linear time on any input.
 
 Where we depart from the official code (and why):
-- Prompts are written in our own words and kept short. Each ends with the exact layout of a
-  response; the proposer's is a filled-in example, the solver's uses placeholders (a concrete
-  example value got copied as the solver's answer: 2/16 well formed against 7/16).
-  Measured on the embedded Qwen2.5-Coder-0.5B-Instruct, T = 1, 256 new tokens, one seed
-  reference: every proposer wording tried gave 0-6 well-formed proposals in 16 (this one: 6/16,
-  then 2/32 on a rerun), so at n = 16 the variants cannot be told apart. The usual failure is the
-  model ending its turn right after the python block, with no input block and no "</answer>".
-- The proposer is shown the forbidden modules (executor.BANNED_MODULES, the paper's list and more)
-  and a few it may use (the executor also refuses any module it has not preloaded:
-  executor.ALLOWED_MODULES). The official prompt bans keywords instead.
+- Prompts are written in our own words, and each comes after a system message and a worked
+  example (the official prompts are one long user message with the rules and a layout). On the
+  embedded Qwen2.5-Coder-0.5B-Instruct this is what made the format stick: measured with
+  bench/bench_play.py (T = 1, 320 new tokens, n = 32 per row, table in the README), well-formed
+  responses went from PLAY_BEFORE to PLAY_AFTER.
+- Deduction and abduction solvers answer the bare value inside <answer> (the official parser
+  accepts that too); the induction proposer writes its message block before its input blocks
+  (after the inputs the model tended to end its turn without "</answer>"); every request ends by
+  asking for the closing "</answer>".
+- The proposer is told a few modules it may import (PROMPT_MODULES); the executor refuses any
+  module outside executor.ALLOWED_MODULES and everything in executor.BANNED_MODULES anyway. The
+  official prompt lists banned keywords instead.
 - Format check: the official code wants "<think>...</think>" immediately followed by "<answer>";
   we only ask that a closed think block comes before the last answer block (text in between is
   ignored). Simpler to state, and it lets "the last <answer> wins" mean what it says.
@@ -295,7 +299,8 @@ def worked_example(task_type: str, role: str, n_inputs: int = N_INPUTS) -> tuple
         plan = "; ".join(f"{k}. {why}" for k, (_, why) in enumerate(cases, 1))
         return _induction_request(Triplet(EXAMPLE_PROGRAM, EXAMPLE_INPUT, ""), len(cases)), _response(
             f"f counts words by their first n letters. My {len(cases)} inputs: {plan}.",
-            _block("message", EXAMPLE_MESSAGE), *[_block("input", i) for i, _ in cases])
+            _block("message", EXAMPLE_MESSAGE),
+            *[f"Input {k}:\n" + _block("input", i) for k, (i, _) in enumerate(cases, 1)])
     if role == PROPOSE:
         proposal = _block("python", EXAMPLE_PROGRAM), _block("input", EXAMPLE_INPUT)
         think = {

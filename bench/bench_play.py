@@ -126,6 +126,7 @@ def load_prompts_at(rev: str):
     path.write_text(source)
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -150,7 +151,7 @@ def requests_for(module, task_type: str, role: str, n: int, cfg, triplets, induc
             out.append(azr_mini.Request(task_type, role, as_chat(module.propose_induction(source, cfg.n_inputs)),
                                         "bench", program=source.program))
         else:
-            task = induction[k % len(induction)] if task_type == INDUCTION else crux[k]
+            task = induction[k % len(induction)] if task_type == INDUCTION else crux[k % len(crux)]
             template = {DEDUCTION: module.solve_deduction, ABDUCTION: module.solve_abduction,
                         INDUCTION: module.solve_induction}[task_type]
             out.append(azr_mini.Request(task_type, role, as_chat(template(task)), "bench", task=task))

@@ -161,6 +161,31 @@ def test_batched_generation_matches_one_at_a_time(tiny):
     assert len({tuple(c.ids) for c in batched}) > 1  # the tiny model does not just repeat itself
 
 
+def test_prompts_of_one_kind_share_their_prefix_and_match_one_at_a_time(tiny):
+    """Prompts with a system message and worked examples of two kinds: the batch-wide prefix and each
+    kind's longer one are computed once; greedy outputs equal those of each prompt alone."""
+    chats = [Chat(user=f"task {k}", system="Rules.", examples=((f"Example {kind}: " + "x = 1; " * 20, "ok " * 9),))
+             for k in range(3) for kind in ("A", "B")]
+    texts = [tiny.format_chat(c.messages()) for c in chats]
+    rows = [tiny.encode(t) for t in texts]
+    order = policy.prefix_sorted_batches(rows, 8)[0]
+    sorted_rows = [rows[i] for i in order]
+    shared = policy.shared_prefix_length(sorted_rows)
+    groups = policy.prefix_groups(sorted_rows, shared)
+    assert [len(members) for members, _ in groups] == [3, 3]  # kind A's three, then kind B's
+    for members, group_shared in groups:
+        assert group_shared >= shared + 32 and len({tuple(sorted_rows[i][:group_shared]) for i in members}) == 1
+    batched = greedy(tiny, texts, gen_batch_size=8)
+    for text, completion in zip(texts, batched):
+        assert completion.ids == greedy(tiny, [text])[0].ids
+
+
+def test_prefix_groups_leave_lone_rows_at_the_batch_prefix():
+    rows = [[1, 2, 3] + [7] * 40 + [1], [1, 2, 3] + [7] * 40 + [2], [1, 2, 9, 9], [1, 2, 5] + [8] * 40]
+    assert policy.prefix_groups(rows, 2) == [([0, 1], 43), ([2], 2), ([3], 2)]
+    assert policy.prefix_groups(rows, 2, min_gain=50) == [([0], 2), ([1], 2), ([2], 2), ([3], 2)]
+
+
 def test_sampling_is_reproducible_with_a_seed(tiny):
     runs = []
     for _ in range(2):
