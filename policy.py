@@ -458,8 +458,7 @@ class Policy:
         prefix = DynamicCache(config=model.config)
         shared = shared_prefix_length(rows)
         if shared:  # 1. the shared prefix, once
-            model(input_ids=torch.tensor([rows[0][:shared]], device=self.device), past_key_values=prefix,
-                  use_cache=True, logits_to_keep=1)
+            self._extend(prefix, rows[0], 0, shared)
         # 2. the longer prefix each group of rows shares (system message and worked example), once
         #    per group; then each row's own rest, one row at a time: no padding to compute, no mask
         #    to apply (padding cost a third of the prefill on a cpu-preset step).
@@ -474,6 +473,7 @@ class Policy:
                 first_logits[i] = self._extend(cache, rows[i], group_shared, len(rows[i]))  # [V]
                 row_caches[i] = list(cache)  # per layer (keys, values, _): [1, heads, len(row), dim]
                 bar.set_postfix_str(f"prompts read {sum(c is not None for c in row_caches)}/{b}")
+        bar.set_postfix_str(f"{b} rows decoding")
         # ... then stacked, left-padded with zeros that the attention mask hides.
         width = max(len(r) for r in rows)
         layers = []
@@ -506,6 +506,7 @@ class Policy:
                 cache.batch_select_indices(index)
                 tokens, attention_mask, next_position = tokens[index], attention_mask[index], next_position[index]
                 alive = [alive[j] for j in keep]
+                bar.set_postfix_str(f"{len(alive)} of {b} rows decoding")
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], 1)  # [a, L + 1]
             logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
                            past_key_values=cache, use_cache=True).logits[:, -1]  # [a, V]

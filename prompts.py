@@ -36,13 +36,21 @@ Parsers return a small record, or None on a format error, and never raise: they 
 Where we depart from the official code (and why):
 - Prompts are written in our own words, and each comes after a system message and a worked
   example (the official prompts are one long user message with the rules and a layout). On the
-  embedded Qwen2.5-Coder-0.5B-Instruct this is what made the format stick: measured with
-  bench/bench_play.py (T = 1, 320 new tokens, n = 32 per row, table in the README), well-formed
-  responses went from PLAY_BEFORE to PLAY_AFTER.
+  embedded Qwen2.5-Coder-0.5B-Instruct this is what made the format stick. Measured with
+  bench/bench_play.py (T = 1, 320 new tokens, n = 32 per row; the README has the whole table),
+  well-formed responses went from 31/34/0% to 88/56/38% for the deduction/abduction/induction
+  proposers and from 31/19/9% to 75/97/56% for the solvers.
 - Deduction and abduction solvers answer the bare value inside <answer> (the official parser
-  accepts that too); the induction proposer writes its message block before its input blocks
-  (after the inputs the model tended to end its turn without "</answer>"); every request ends by
-  asking for the closing "</answer>".
+  accepts that too), and every request ends by asking for the closing "</answer>" (induction
+  solver, n = 16: 25% -> 62% well formed). The usual failure left is the chat model ending its turn
+  right after a code block.
+- The proposers' worked example shows a reference that is not the seed triplet: during seeding
+  the real request shows the seed alone, and a request identical to the example's got the example's
+  answer back, a copy (1 new task in a seeding round of 64 proposals; 13 in 48 once it differed).
+- The induction proposer writes its message block first and labels its inputs "Input 1:", ...
+  (text outside the fences is ignored): unlabelled, the model wrote one or two inputs too few
+  (n = 32: 3% -> 38% well formed). Tried without gain: numbering the plan in the example's think,
+  a second worked example, asking for N + 2 inputs, a stronger system message.
 - The proposer is told a few modules it may import (PROMPT_MODULES); the executor refuses any
   module outside executor.ALLOWED_MODULES and everything in executor.BANNED_MODULES anyway. The
   official prompt lists banned keywords instead.
@@ -171,6 +179,10 @@ EXAMPLE_INDUCTION_INPUTS = (  # (input, the case it covers): the induction examp
     ("['sun', 'sea', 'sky', 'moon'], 1", "one prefix three times"),
     ("['ab'], 1", "one word"),
 )
+# The reference the proposers' example request shows. Not the seed triplet: during seeding the real
+# request shows the seed alone, and a request identical to the example's got the example's answer
+# back, a copy (1 valid task in a 64-proposal seeding round).
+EXAMPLE_REFERENCE = Triplet("def f(x):\n    return x * 2", "21", "42")
 EXAMPLE_MESSAGE = "Counts the words by their first n letters; returns (prefix, count) pairs sorted by prefix."
 
 # The solvers' worked example: one task seen three ways.
@@ -304,14 +316,14 @@ def worked_example(task_type: str, role: str, n_inputs: int = N_INPUTS) -> tuple
     if role == PROPOSE:
         proposal = _block("python", EXAMPLE_PROGRAM), _block("input", EXAMPLE_INPUT)
         think = {
-            DEDUCTION: "The existing puzzle only returns its input. A harder one needs a loop and a "
+            DEDUCTION: "The existing puzzle only doubles a number. A harder one needs a loop and a "
                        "dictionary: I will count words by their first n letters and return the sorted "
                        "counts, so the solver must track the slices, the counts and the sorting.",
-            ABDUCTION: "The existing puzzle only returns its input, so its input is easy to recover. In "
+            ABDUCTION: "The existing puzzle only doubles a number, so its input is easy to recover. In "
                        "mine the output is a sorted list of (prefix, count) pairs: the solver must "
                        "invent words with those prefixes, the right number of each, and find n.",
         }[task_type]
-        return _program_request(task_type, [SEED_TRIPLET]), _response(think, *proposal)
+        return _program_request(task_type, [EXAMPLE_REFERENCE]), _response(think, *proposal)
     if task_type == DEDUCTION:
         return _deduction_request(SOLVER_EXAMPLE), _response(
             "k = 3. 6 % 3 == 0: append 6 // 3 = 2. 7 % 3 == 1: skip. 9 % 3 == 0: append 3. "

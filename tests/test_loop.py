@@ -296,3 +296,14 @@ def test_the_worked_examples_inputs_are_a_copy_for_induction():
     known = azr_mini.known_proposals({DEDUCTION: [], ABDUCTION: [], INDUCTION: []}, request, 4)
     assert is_copy(InductionProposal(example_induction_inputs(4), "m"), known)
     assert not is_copy(InductionProposal(("1", "2", "3", "4"), "m"), known)
+
+
+def test_the_worked_examples_programs_are_copies_for_deduction_and_abduction():
+    from prompts import EXAMPLE_PROGRAM, EXAMPLE_REFERENCE, Proposal, propose_deduction
+    from rewards import is_copy
+
+    request = azr_mini.Request(DEDUCTION, PROPOSE, propose_deduction([SEED_TRIPLET]), "propose")
+    known = azr_mini.known_proposals({DEDUCTION: [SEED_TRIPLET], ABDUCTION: [], INDUCTION: []}, request, 4)
+    for program in (EXAMPLE_PROGRAM, EXAMPLE_REFERENCE.program, SEED_TRIPLET.program):
+        assert is_copy(Proposal(program, "1"), known)
+    assert not is_copy(Proposal("def f(x):\n    return x - 1", "1"), known)

@@ -256,3 +256,11 @@ def test_parsers_are_fast_on_megabytes():
         for parse in PARSERS:
             parse(text)
     assert time.perf_counter() - start < 5.0
+
+
+def test_no_seeding_request_repeats_its_worked_example():
+    """During seeding the buffers hold the seed triplet alone: a request identical to the example's
+    would invite the example's answer back."""
+    for chat in (prompts.propose_deduction([SEED_TRIPLET]), prompts.propose_abduction([SEED_TRIPLET]),
+                 prompts.propose_induction(SEED_TRIPLET, 6)):
+        assert chat.user != chat.examples[0][0]
