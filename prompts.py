@@ -138,6 +138,22 @@ class InductionProposal:
     message: str
 
 
+@dataclass(frozen=True)
+class Chat:
+    """What the model is shown for one request: the system message, worked examples as earlier turns
+    (request, complete response), and the request. policy.format_chat renders it."""
+
+    user: str  # the request itself
+    system: str = ""
+    examples: tuple[tuple[str, str], ...] = ()  # (user, assistant) turns shown before the request
+
+    def messages(self) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for request, response in self.examples:
+            out += [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
+        return out + [{"role": "user", "content": self.user}]
+
+
 # ------------------------------------------------------------------------------------------------
 # Prompt pieces
 #
@@ -198,22 +214,6 @@ SOLVER_EXAMPLE_INDUCTION = InductionTask(
     visible=(("[6, 7, 9, 12], 3", "[4, 3, 2]"), ("[10, 4, 5], 5", "[2, 1]"), ("[1, 2, 3], 2", "[1]")),
     hidden=(("[8, 16], 8", "[2, 1]"), ("[5, 7], 3", "[]"), ("[0, 9], 9", "[1, 0]")),
 )
-
-
-@dataclass(frozen=True)
-class Chat:
-    """What the model is shown for one request: the system message, worked examples as earlier turns
-    (request, complete response), and the request. policy.format_chat renders it."""
-
-    user: str  # the request itself
-    system: str = ""
-    examples: tuple[tuple[str, str], ...] = ()  # (user, assistant) turns shown before the request
-
-    def messages(self) -> list[dict[str, str]]:
-        out = [{"role": "system", "content": self.system}] if self.system else []
-        for request, response in self.examples:
-            out += [{"role": "user", "content": request}, {"role": "assistant", "content": response}]
-        return out + [{"role": "user", "content": self.user}]
 
 
 def _block(tag: str, body: str) -> str:
