@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from executor import Executor
 from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
-from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAM, EXAMPLE_REFERENCE, INDUCTION, PROPOSE, SEED_TRIPLET,
+from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, PROPOSE, SEED_TRIPLET,
                      SOLVE, STOP, TASK_TYPES, THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs,
                      parse_induction_proposal, parse_proposal, parse_solution, propose_abduction, propose_deduction,
                      propose_induction, solve_abduction, solve_deduction, solve_induction)
@@ -379,14 +379,14 @@ def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: 
 
 
 def known_proposals(buffers: Buffers, request: Request, n_inputs: int) -> set:
-    """What a proposal must not repeat (rewards.is_copy): the worked example's programs and the
-    buffer's for deduction/abduction; for induction, the worked example's inputs and the input sets of buffer
+    """What a proposal must not repeat (rewards.is_copy). Deduction/abduction: the worked example's
+    programs and the buffer's. Induction: the worked example's inputs and the input sets of buffer
     tasks on the same program."""
     if request.task_type == INDUCTION:
         return {frozenset(map(normalized, example_induction_inputs(n_inputs)))} | {
             frozenset(normalized(i) for i, _ in task.visible + task.hidden)
             for task in buffers[INDUCTION] if task.program == request.program}
-    shown = [EXAMPLE_PROGRAM, EXAMPLE_REFERENCE.program] + [task.program for task in buffers[request.task_type]]
+    shown = list(EXAMPLE_PROGRAMS) + [task.program for task in buffers[request.task_type]]
     return {normalized(program) for program in shown}
 
 

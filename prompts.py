@@ -174,8 +174,7 @@ PROMPT_MODULES = ("math", "itertools", "collections", "functools", "string", "re
 MODULES_RULE = "it imports nothing, or only " + ", ".join(PROMPT_MODULES)
 
 # The proposers' worked example. The model copies it now and then; a copy is not a new task and
-# earns the invalid-proposal reward (rewards.py, copies), so these are also what copies are checked
-# against (azr_mini.known_proposals).
+# earns the invalid-proposal reward (rewards.py, copies).
 EXAMPLE_PROGRAM = (
     "def f(words, n):\n    counts = {}\n    for w in words:\n"
     "        counts[w[:n]] = counts.get(w[:n], 0) + 1\n    return sorted(counts.items())"
@@ -199,6 +198,9 @@ EXAMPLE_INDUCTION_INPUTS = (  # (input, the case it covers): the induction examp
 # request shows the seed alone, and a request identical to the example's got the example's answer
 # back, a copy (1 valid task in a 64-proposal seeding round).
 EXAMPLE_REFERENCE = Triplet("def f(x):\n    return x * 2", "21", "42")
+# Everything a proposer's prompt shows as a program besides its buffer's tasks: a proposal that
+# repeats one of these is a copy (azr_mini.known_proposals).
+EXAMPLE_PROGRAMS = (EXAMPLE_PROGRAM, EXAMPLE_REFERENCE.program)
 EXAMPLE_MESSAGE = "Counts the words by their first n letters; returns (prefix, count) pairs sorted by prefix."
 
 # The solvers' worked example: one task seen three ways.
@@ -224,6 +226,11 @@ def _triplet_blocks(t: Triplet) -> str:
     return "\n".join([_block("python", t.program), _block("input", t.input), _block("output", t.output)])
 
 
+def _reply(reason: str, answer: str) -> str:
+    """The sentence every request ends with: where the reasoning and the answer go, and the close."""
+    return f"{reason} in <think> </think>, then {answer} in <answer> </answer>, and end your reply with {STOP}."
+
+
 def _response(think: str, *answer: str) -> str:
     """A complete response, as a worked example shows it (the real one starts after THINK_PREFILL)."""
     return f"{THINK_PREFILL}\n{think}\n</think>\n<answer>\n" + "\n".join(answer) + f"\n{STOP}"
@@ -247,7 +254,7 @@ def _program_request(task_type: str, references: Sequence[Triplet]) -> str:
         f"{existing} (yours must be new and harder):\n\n{refs}\n\n"
         "Rules: `f` takes at least one argument and returns a value; it is deterministic (no "
         f"randomness, time, printing or files); {MODULES_RULE}. {ARGS_RULE}\n\n"
-        "Reason in <think> </think>, then give one python block and one input block in <answer> </answer>, and end your reply with </answer>."
+        + _reply("Reason", "give one python block and one input block")
     )
 
 
@@ -257,11 +264,11 @@ def _induction_request(task: Triplet, n_inputs: int) -> str:
         f"Here is a Python function, with one input for it:\n\n"
         f"{_block('python', task.program)}\n{_block('input', task.input)}\n\n"
         f"Write {n_inputs} different inputs for it (the one above counts as one of them if you use it) "
-        "and a one-line message that describes what it does, as a puzzle: another student will be shown the message and half of your inputs "
-        "with their outputs and must write the function, which is then checked on the other half. "
-        f"Cover different cases. Do not copy the code into the message. {ARGS_RULE}\n\n"
-        f"Reason in <think> </think>, then give one message block and exactly {n_inputs} input "
-        "blocks in <answer> </answer>, and end your reply with </answer>."
+        "and a one-line message that describes what it does, as a puzzle: another student will be "
+        "shown the message and half of your inputs with their outputs and must write the function, "
+        "which is then checked on the other half. Cover different cases. Do not copy the code into "
+        f"the message. {ARGS_RULE}\n\n"
+        + _reply("Reason", f"give one message block and exactly {n_inputs} input blocks")
     )
 
 
@@ -269,8 +276,8 @@ def _deduction_request(task: Triplet) -> str:
     return (
         "What does this Python function return for the given input?\n\n"
         f"{_block('python', task.program)}\n{_block('input', task.input)}\n\n"
-        "Trace the code step by step in <think> </think>, then write only the returned value, as a "
-        "Python literal (quotes around strings), in <answer> </answer>, and end your reply with </answer>."
+        + _reply("Trace the code step by step",
+                 "write only the returned value, as a Python literal (quotes around strings),")
     )
 
 
@@ -278,8 +285,7 @@ def _abduction_request(task: Triplet) -> str:
     return (
         "Find an input for which this Python function returns the given output.\n\n"
         f"{_block('python', task.program)}\n{_block('output', task.output)}\n\n"
-        f"Any input that gives this output is correct. {ARGS_RULE} Reason in <think> </think>, then "
-        "write only the input in <answer> </answer>, and end your reply with </answer>."
+        f"Any input that gives this output is correct. {ARGS_RULE} " + _reply("Reason", "write only the input")
     )
 
 
@@ -289,8 +295,7 @@ def _induction_solve_request(task: InductionTask) -> str:
         f"Write the Python function `f` that produced these outputs from these inputs. {ARGS_RULE}\n\n"
         f"Hint from the author: {task.message}\n\n{pairs}\n\n"
         "Your function is checked on other inputs of the same kind, so write the general rule, not "
-        "a lookup table. Reason in <think> </think>, then give the function in one python block in "
-        "<answer> </answer>, and end your reply with </answer>."
+        "a lookup table. " + _reply("Reason", "give the function in one python block")
     )
 
 

@@ -31,9 +31,10 @@ Where we depart, and which rule is used:
   divide by n - 1), like torch.std's default and verl's masked whitening; eps = 1e-6. A group
   with one response or with all rewards equal gets A = 0 (nothing to compare against).
 - Copies are not tasks (not in the paper): a deduction/abduction proposal whose program repeats,
-  up to whitespace, the prompt's example or a program already in its buffer (its K references are
-  drawn from there), or an induction proposal whose inputs repeat those of a buffer task for the
-  same program, does not enter the buffer and earns the invalid-proposal reward (-1). Without
+  up to whitespace, a program of the prompt's worked example (prompts.EXAMPLE_PROGRAMS) or one
+  already in its buffer (its K references are drawn from there), or an induction proposal whose
+  inputs repeat the worked example's or those of a buffer task for the same program, does not
+  enter the buffer and earns the invalid-proposal reward (-1). Without
   this, a small model farms Eq. 4 by handing back what it was shown. Induction inputs must also be
   distinct values: a repeated input would put a hidden pair in the visible half.
 - Answers are never evaluated in this process: programs and inputs run in the executor's sandbox

@@ -136,10 +136,10 @@ def as_chat(prompt) -> Chat:
     return prompt if isinstance(prompt, Chat) else Chat(user=prompt)
 
 
-def requests_for(module, task_type: str, role: str, n: int, cfg, triplets, induction, crux, seed: int):
-    """The n requests of one row, built with `module`'s prompt functions the way the loop builds them."""
+def requests_for(module, task_type: str, role: str, n: int, cfg, pool, induction, crux, seed: int):
+    """The n requests of one row, built with `module`'s prompt functions the way the loop builds them;
+    `pool` is what a proposer's buffer would hold (references, programs for induction)."""
     rng = random.Random(seed)
-    pool = [SEED_TRIPLET] + triplets
     out = []
     for k in range(n):
         if role == PROPOSE and task_type in (DEDUCTION, ABDUCTION):
@@ -173,14 +173,15 @@ def failure(e: azr_mini.Episode) -> str:
 
 def measure(policy, executor, module, task_type, role, n, cfg, refs, crux, seed) -> tuple[dict, list]:
     triplets, induction = refs
-    requests = requests_for(module, task_type, role, n, cfg, triplets, induction, crux, seed)
+    pool = [SEED_TRIPLET] + triplets
+    requests = requests_for(module, task_type, role, n, cfg, pool, induction, crux, seed)
     timer = azr_mini.Timer()
     torch.manual_seed(seed)
     start = time.perf_counter()
     episodes = azr_mini.sample(policy, requests, cfg, timer, desc=None)  # no bar: one line per row below
     wall = time.perf_counter() - start
     if role == PROPOSE:
-        buffers = {DEDUCTION: [SEED_TRIPLET] + triplets, ABDUCTION: [SEED_TRIPLET] + triplets, INDUCTION: []}
+        buffers = {DEDUCTION: pool, ABDUCTION: pool, INDUCTION: []}
         azr_mini.validate_proposals(executor, episodes, buffers, cfg, timer)
     else:
         azr_mini.grade_solutions(executor, episodes, timer)
