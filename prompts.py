@@ -9,7 +9,8 @@ task types, all built from a triplet (program p, input i, output o = p(i)):
     induction   N inputs + a message m for a given p  m, half the (i, o)   a program p'
 
 This file holds the six prompts, the records those tasks are stored in, and the parsers that read a
-sampled response. A prompt is a Chat: the format rule in a system message, one worked example as
+sampled response; also the prompts of two benchmarks the loop never trains on (HumanEval, GSM8K:
+solve_code, solve_math), asked in the same format for evaluate.py. A prompt is a Chat: the format rule in a system message, one worked example as
 an earlier exchange (a request of the same kind and its complete response), then the request.
 Rendering it with the model's chat template, or as plain "User: / Assistant:" text for a base
 model, is policy.format_chat's job. `python prompts.py` prints all six for a sample task, system
@@ -383,6 +384,45 @@ def solve_abduction(task: Triplet) -> Chat:
 def solve_induction(task: InductionTask) -> Chat:
     """Solver, induction: given the message and the visible pairs, write the program f."""
     return chat(INDUCTION, SOLVE, _induction_solve_request(task))
+
+
+# ------------------------------------------------------------------------------------------------
+# Two transfer benchmarks (evaluate.py): tasks the loop never trains on, asked in the same format,
+# with a worked example of their own. CRUXEval uses solve_deduction / solve_abduction as they are.
+
+CODE_EXAMPLE = (  # a HumanEval-style problem: signature and docstring, the body to write
+    "def count_vowels(s: str) -> int:\n"
+    '    """Return how many letters of s are vowels (a, e, i, o, u), ignoring case.\n'
+    "    >>> count_vowels('Hello')\n    2\n    \"\"\"\n"
+)
+CODE_EXAMPLE_SOLUTION = "def count_vowels(s: str) -> int:\n    return sum(1 for c in s.lower() if c in 'aeiou')"
+MATH_EXAMPLE = ("A baker makes 12 muffins a day and packs them in boxes of 4. How many boxes does she "
+                "fill in 5 days?", "15")
+
+
+def _code_request(problem: str) -> str:
+    return (
+        f"Complete this Python function.\n\n{_block('python', problem.rstrip())}\n\n"
+        "It is run against hidden tests. "
+        + _reply("Reason", "give the whole function, with any imports it needs, in one python block")
+    )
+
+
+def _math_request(question: str) -> str:
+    return f"Solve this math problem.\n\n{question}\n\n" + _reply("Reason step by step", "write only the final number")
+
+
+def solve_code(problem: str) -> Chat:
+    """HumanEval: complete a function from its signature and docstring."""
+    return Chat(user=_code_request(problem), system=SYSTEM, examples=((_code_request(CODE_EXAMPLE), _response(
+        "A vowel is one of a, e, i, o, u; lower-case s first so that case does not matter. "
+        "'Hello' has e and o: 2.", _block("python", CODE_EXAMPLE_SOLUTION))),))
+
+
+def solve_math(question: str) -> Chat:
+    """GSM8K: a word problem, answered with the final number."""
+    return Chat(user=_math_request(question), system=SYSTEM, examples=((_math_request(MATH_EXAMPLE[0]), _response(
+        "12 muffins a day for 5 days is 12 * 5 = 60 muffins. 60 / 4 = 15 boxes.", MATH_EXAMPLE[1])),))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import azr_mini  # noqa: E402
+import evaluate  # noqa: E402
 import prompts  # noqa: E402
 from executor import Executor  # noqa: E402
 from prompts import ABDUCTION, DEDUCTION, INDUCTION, PROPOSE, ROLES, SEED_TRIPLET, SOLVE, TASK_TYPES  # noqa: E402
@@ -103,16 +104,8 @@ def reference_tasks(executor: Executor) -> tuple[list[Triplet], list[InductionTa
 
 
 def cruxeval(path: Path, n: int) -> list[Triplet]:
-    if not path.is_file():
-        raise SystemExit(f"error: --data {path}: no such file (CRUXEval jsonl, fields code/input/output)")
-    items = []
-    with open(path) as fh:
-        for line in fh:
-            if len(items) == n:
-                break
-            d = json.loads(line)
-            items.append(Triplet(d["code"], d["input"], d["output"]))
-    return items
+    """The first n CRUXEval programs, read as evaluate.py reads them."""
+    return [item.task for item in evaluate.load_cruxeval(path, n, DEDUCTION)]
 
 
 def load_prompts_at(rev: str):

@@ -171,3 +171,13 @@ def test_a_fresh_start_refuses_a_folder_that_holds_a_run(uninterrupted, tmp_path
         azr_mini.main(["--model", "tiny", "--run-dir", str(run_dir)])
     assert exit_info.value.code == 2 and "--resume" in capsys.readouterr().err
     assert files_of(run_dir) == before
+
+
+def test_keep_every_keeps_those_checkpoints_and_resume_takes_the_newest(tmp_path):
+    run = run_tiny(tmp_path / "run", "--steps", "3", "--keep-every", "2")
+    names = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert names == ["checkpoint-000000", "checkpoint-000002", "checkpoint-000003"]
+    run_tiny(tmp_path / "run", "--resume", str(run), "--steps", "5")
+    names = sorted(p.name for p in run.glob("checkpoint-*"))
+    assert names == ["checkpoint-000000", "checkpoint-000002", "checkpoint-000004", "checkpoint-000005"]
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]

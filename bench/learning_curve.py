@@ -1,0 +1,211 @@
+"""Does the loop make the model better? Train, evaluate along the way, and draw what changed.
+
+    python bench/learning_curve.py                  # train, evaluate, plot (each phase resumes)
+    python bench/learning_curve.py --phase plot     # redraw from what is on disk
+    python bench/learning_curve.py -- --lr 5e-5     # azr_mini.py flags for the training run go after --
+
+Three phases, each skipping what is already on disk, so an interrupted run continues where it stopped:
+
+  train  python azr_mini.py --run-dir RUN --steps S --keep-every E [flags after --]
+         (or --resume RUN --steps S once the run exists); the cpu preset unless the flags say otherwise.
+  eval   python evaluate.py --adapter RUN/checkpoint-N --bench B --limit L for every kept checkpoint
+         (step 0 is the base model: its adapter is still the zero init), written to
+         RUN/checkpoint-N/eval/<bench>-<L>.json.
+  plot   docs/learning_curve_eval.png     benchmark accuracy per checkpoint, with 95% intervals;
+         docs/learning_curve_signals.png  the loop's own signals per step (format errors, valid
+                                          proposals, solve accuracy and response length per type,
+                                          entropy, zero-advantage share), raw and as a moving mean;
+         docs/learning_curve.json         the numbers plotted, and the settings.
+
+The README's learning-curve section was made with the defaults below on a 2-core CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import azr_mini  # noqa: E402
+import evaluate  # noqa: E402
+from prompts import TASK_TYPES  # noqa: E402
+
+DOCS = ROOT / "docs"
+# The loop's signals drawn, as (metrics.jsonl key, label); per-type keys are filled in below.
+SIGNALS = [("format_errors", "format errors (all responses)"), ("valid_proposals", "valid proposals"),
+           ("zero_advantage", "zero-advantage share"), ("entropy", "mean token entropy (nats)")]
+
+
+def kept_checkpoints(run_dir: Path, every: int) -> list[Path]:
+    return sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and azr_mini.is_kept(p, every))
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix("checkpoint-"))
+
+
+def train(args, loop_flags: list[str]) -> None:
+    run_dir = Path(args.run_dir)
+    newest = azr_mini.latest_checkpoint(run_dir)
+    if newest is not None and step_of(newest) >= args.steps:
+        print(f"train: {run_dir} is at step {step_of(newest)}, nothing to do")
+        return
+    if newest is None:
+        command = ["--run-dir", str(run_dir), "--steps", str(args.steps), "--keep-every", str(args.every), *loop_flags]
+    else:
+        command = ["--resume", str(run_dir), "--steps", str(args.steps)]
+    print("train: python azr_mini.py " + " ".join(command), flush=True)
+    subprocess.run([sys.executable, str(ROOT / "azr_mini.py"), *command], check=True)
+
+
+def report_path(checkpoint: Path, bench: str, limit: int) -> Path:
+    return checkpoint / "eval" / evaluate.report_name(bench, limit)   # where evaluate.py puts it
+
+
+def evaluate_checkpoints(args) -> None:
+    for checkpoint in kept_checkpoints(Path(args.run_dir), args.every):
+        missing = [b for b in args.benches.split(",") if not report_path(checkpoint, b, args.limit).exists()]
+        if not missing:
+            continue
+        command = ["--adapter", str(checkpoint), "--bench", ",".join(missing), "--limit", str(args.limit)]
+        print("eval: python evaluate.py " + " ".join(command), flush=True)
+        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *command], check=True)
+
+
+def moving_mean(values: list, window: int) -> list:
+    out = []
+    for k in range(len(values)):
+        recent = [v for v in values[max(0, k - window + 1):k + 1] if v is not None]
+        out.append(sum(recent) / len(recent) if recent else None)
+    return out
+
+
+def collect(args) -> dict:
+    """The numbers to plot: eval accuracy per checkpoint, and the loop's signals per step."""
+    run_dir = Path(args.run_dir)
+    evals: dict[str, list] = {}
+    for checkpoint in kept_checkpoints(run_dir, args.every):
+        for bench in args.benches.split(","):
+            path = report_path(checkpoint, bench, args.limit)
+            if not path.exists():
+                continue
+            summary = json.loads(path.read_text())["summary"]
+            rows = [(bench, summary)] + [(f"{bench}/{t}", s) for t, s in summary.get("per_type", {}).items()]
+            for name, s in rows:
+                evals.setdefault(name, []).append({"step": step_of(checkpoint), "n": s["n"], "correct": s["correct"],
+                                                   "accuracy": s["accuracy"], "interval": s["interval"],
+                                                   "format_errors": s["format_errors"]})
+    metrics_path = run_dir / "metrics.jsonl"
+    lines = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
+    keys = [k for k, _ in SIGNALS] + [f"accuracy/{t}" for t in TASK_TYPES] + [f"valid_proposals/{t}" for t in TASK_TYPES] \
+        + [f"length/{t}/{role}" for t in TASK_TYPES for role in ("propose", "solve")]
+    signals = {k: [m.get(k) for m in lines] for k in keys}
+    config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
+    return {"run_dir": str(run_dir), "limit": args.limit, "config": config, "steps": [m["step"] for m in lines],
+            "evals": evals, "signals": signals}
+
+
+def plot(data: dict, out_dir: Path, window: int) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    names = sorted(data["evals"])
+    if names:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for name in names:
+            points = data["evals"][name]
+            steps = [p["step"] for p in points]
+            acc = [100 * p["accuracy"] for p in points]
+            err = [[100 * (p["accuracy"] - p["interval"][0]) for p in points],
+                   [100 * (p["interval"][1] - p["accuracy"]) for p in points]]
+            ax.errorbar(steps, acc, yerr=err, marker="o", capsize=3, label=f"{name} (n={points[0]['n']})",
+                        linestyle="--" if "/" in name else "-")
+        ax.set_xlabel("training step (0 = the base model)")
+        ax.set_ylabel("accuracy, % (greedy; bars: 95% Wilson interval)")
+        ax.set_title("Benchmarks along the run")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(out_dir / "learning_curve_eval.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    steps = data["steps"]
+    if steps:
+        panels = [[(k, label)] for k, label in SIGNALS] + [
+            [(f"accuracy/{t}", t) for t in TASK_TYPES], [(f"valid_proposals/{t}", t) for t in TASK_TYPES],
+            [(f"length/{t}/solve", t) for t in TASK_TYPES], [(f"length/{t}/propose", t) for t in TASK_TYPES]]
+        titles = [label for _, label in SIGNALS] + ["solve accuracy per type", "valid proposals per type",
+                                                     "solver response length (tokens)", "proposer response length (tokens)"]
+        fig, axes = plt.subplots(2, 4, figsize=(16, 7), sharex=True)
+        for ax, panel, title in zip(axes.flat, panels, titles):
+            for key, label in panel:
+                values = data["signals"][key]
+                shown = [(s, v) for s, v in zip(steps, values) if v is not None]
+                if not shown:
+                    continue
+                line = ax.plot(*zip(*shown), alpha=0.3, linewidth=1)[0]
+                smooth = [(s, v) for s, v in zip(steps, moving_mean(values, window)) if v is not None]
+                ax.plot(*zip(*smooth), color=line.get_color(), linewidth=2, label=label if len(panel) > 1 else None)
+            ax.set_title(title, fontsize=10)
+            ax.grid(alpha=0.3)
+            if len(panel) > 1:
+                ax.legend(fontsize=8)
+        for ax in axes[-1]:
+            ax.set_xlabel("step")
+        fig.suptitle(f"The loop's own signals (thin: each step; thick: mean of the last {window} steps)")
+        fig.tight_layout()
+        written.append(out_dir / "learning_curve_signals.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def print_evals(data: dict) -> None:
+    for name, points in sorted(data["evals"].items()):
+        row = "  ".join(f"step {p['step']}: {p['correct']}/{p['n']} [{100 * p['interval'][0]:.0f}-{100 * p['interval'][1]:.0f}%]"
+                        for p in points)
+        print(f"{name:<24} {row}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    loop_flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--phase", default="all", choices=("all", "train", "eval", "plot"))
+    parser.add_argument("--run-dir", default=str(ROOT / "runs" / "learning-curve"))
+    parser.add_argument("--steps", type=int, default=30, help="training steps in all")
+    parser.add_argument("--every", type=int, default=10, help="evaluate every N steps (and the base model)")
+    parser.add_argument("--benches", default="cruxeval-o,cruxeval-i,selfplay")
+    parser.add_argument("--limit", type=int, default=64, help="items per benchmark")
+    parser.add_argument("--window", type=int, default=5, help="steps in the moving mean of the signals")
+    parser.add_argument("--out", default=str(DOCS), help="where the PNGs and the JSON go")
+    args = parser.parse_args(argv)
+    unknown = [b for b in args.benches.split(",") if b not in evaluate.BENCHES]
+    if unknown:
+        parser.error(f"--benches: unknown {', '.join(unknown)}; choose from {', '.join(evaluate.BENCHES)}")
+    if min(args.steps, args.every, args.limit, args.window) < 1:
+        parser.error("--steps, --every, --limit and --window must be positive")
+    if args.phase in ("all", "train"):
+        train(args, loop_flags)
+    if args.phase in ("all", "eval"):
+        evaluate_checkpoints(args)
+    if args.phase in ("all", "plot"):
+        data = collect(args)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "learning_curve.json").write_text(json.dumps(data, indent=1))
+        for path in plot(data, out, args.window):
+            print(f"wrote {path}")
+        print_evals(data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""bench/learning_curve.py: train, evaluate the kept checkpoints, plot; a second call resumes (tiny model)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny", "--max-new-tokens", "8", "--batch-size", "2", "--n-inputs", "4",
+        "--learnability-rollouts", "2", "--seed-buffer-size", "2", "--seed-rounds", "1", "--exec-timeout-s", "2"]
+
+
+def curve(tmp_path, *args):
+    return subprocess.run([sys.executable, "bench/learning_curve.py", "--run-dir", str(tmp_path / "run"),
+                           "--out", str(tmp_path / "docs"), "--benches", "selfplay", "--limit", "3", *args,
+                           "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_learning_curve_trains_evaluates_every_kept_checkpoint_and_draws(tmp_path):
+    out = curve(tmp_path, "--steps", "2", "--every", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "run"
+    for step in (0, 1, 2):                          # the base model (step 0) and both steps were kept
+        report = json.loads((run / f"checkpoint-{step:06d}" / "eval" / "selfplay-3.json").read_text())
+        assert report["step"] == step and report["summary"]["n"] == 3
+    assert (tmp_path / "docs" / "learning_curve_eval.png").stat().st_size > 10_000
+    assert (tmp_path / "docs" / "learning_curve_signals.png").stat().st_size > 10_000
+    data = json.loads((tmp_path / "docs" / "learning_curve.json").read_text())
+    assert data["steps"] == [1, 2] and [p["step"] for p in data["evals"]["selfplay"]] == [0, 1, 2]
+    assert len(data["signals"]["format_errors"]) == 2
+    # a second call with more steps resumes the run and evaluates only the new checkpoint
+    out = curve(tmp_path, "--steps", "3", "--every", "1")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "--resume" in out.stdout and out.stdout.count("eval: python evaluate.py") == 1
+    assert [p["step"] for p in json.loads((tmp_path / "docs" / "learning_curve.json").read_text())["evals"]["selfplay"]] == [0, 1, 2, 3]
+
+
+def test_learning_curve_refuses_an_unknown_benchmark(tmp_path):
+    out = curve(tmp_path, "--benches", "mmlu")
+    assert out.returncode == 2 and "unknown mmlu" in out.stderr
