@@ -15,7 +15,9 @@ Three phases, each skipping what is already on disk, so an interrupted run conti
          docs/learning_curve_signals.png  the loop's own signals per step (format errors, valid
                                           proposals, solve accuracy and response length per type,
                                           entropy, zero-advantage share), raw and as a moving mean;
-         docs/learning_curve.json         the numbers plotted, and the settings.
+         docs/learning_curve.json         the numbers plotted, and the settings;
+         and it prints the loop's own rates (format errors, valid proposals, solve accuracy) over
+         the first and the last --compare-steps steps, counted response by response, with intervals.
 
 The README's learning-curve section was made with the defaults below on a 2-core CPU.
 """
@@ -108,6 +110,52 @@ def collect(args) -> dict:
             "evals": evals, "signals": signals}
 
 
+def early_late(run_dir: Path, window: int) -> dict:
+    """The loop's own rates over the first and the last `window` steps, counted over responses in
+    samples.jsonl (training phases only: proposals, solve batches, learnability rollouts), each with
+    its 95% interval: what moved beyond the noise of the counts."""
+    path = run_dir / "samples.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = [r for r in rows if r["step"] > 0]       # step 0 is seeding
+    if not rows:
+        return {}
+    last = max(r["step"] for r in rows)
+    spans = {"early": (1, min(window, last)), "late": (max(1, last - window + 1), last)}
+    rates = {  # name -> (which responses count, which of them are a "hit")
+        "format errors, all": (lambda r: True, lambda r: r["parsed"] is None),
+        **{f"format errors, {role}/{t}": ((lambda r, t=t, role=role: r["task_type"] == t and r["role"] == role),
+                                          lambda r: r["parsed"] is None)
+           for role in ("propose", "solve") for t in TASK_TYPES},
+        **{f"valid proposals, {t}": ((lambda r, t=t: r["task_type"] == t and r["phase"] == "propose"), lambda r: r["valid"])
+           for t in TASK_TYPES},
+        **{f"solve accuracy, {t}": ((lambda r, t=t: r["task_type"] == t and r["phase"] == "solve"),
+                                    lambda r: r["r_role"] == 1.0) for t in TASK_TYPES},
+    }
+    out = {"window": window, "spans": spans, "rates": {}}
+    for name, (counts, hit) in rates.items():
+        out["rates"][name] = {}
+        for span, (lo, hi) in spans.items():
+            group = [r for r in rows if lo <= r["step"] <= hi and counts(r)]
+            k = sum(bool(hit(r)) for r in group)
+            out["rates"][name][span] = {"k": k, "n": len(group), "interval": list(evaluate.wilson(k, len(group)))}
+    return out
+
+
+def print_early_late(table: dict) -> None:
+    if not table:
+        return
+    (a, b), (c, d) = table["spans"]["early"], table["spans"]["late"]
+    print(f"\nthe loop's own rates, steps {a}-{b} against steps {c}-{d} (95% intervals; * = the intervals do not overlap)")
+    for name, spans in table["rates"].items():
+        early, late = spans["early"], spans["late"]
+        def fmt(x):
+            if not x["n"]:
+                return f"{'-':>22}"
+            return f"{x['k']:>3}/{x['n']:<4} {100 * x['k'] / x['n']:3.0f}% [{100 * x['interval'][0]:2.0f}-{100 * x['interval'][1]:3.0f}%]"
+        apart = early["n"] and late["n"] and (late["interval"][0] > early["interval"][1] or late["interval"][1] < early["interval"][0])
+        print(f"{name:<32} {fmt(early)}  ->  {fmt(late)} {'*' if apart else ''}")
+
+
 def plot(data: dict, out_dir: Path, window: int) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
@@ -153,6 +201,8 @@ def plot(data: dict, out_dir: Path, window: int) -> list[Path]:
                 smooth = [(s, v) for s, v in zip(steps, moving_mean(values, window)) if v is not None]
                 ax.plot(*zip(*smooth), color=line.get_color(), linewidth=2, label=label if len(panel) > 1 else None)
             ax.set_title(title, fontsize=10)
+            if not panel[0][0].startswith(("entropy", "length")):
+                ax.set_ylim(-0.02, 1.02)            # a rate: the whole range, so a change looks its size
             ax.grid(alpha=0.3)
             if len(panel) > 1:
                 ax.legend(fontsize=8)
@@ -186,13 +236,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benches", default="cruxeval-o,cruxeval-i,selfplay")
     parser.add_argument("--limit", type=int, default=64, help="items per benchmark")
     parser.add_argument("--window", type=int, default=5, help="steps in the moving mean of the signals")
+    parser.add_argument("--compare-steps", type=int, default=10, help="the first and the last N steps, "
+                        "compared response by response")
     parser.add_argument("--out", default=str(DOCS), help="where the PNGs and the JSON go")
     args = parser.parse_args(argv)
     unknown = [b for b in args.benches.split(",") if b not in evaluate.BENCHES]
     if unknown:
         parser.error(f"--benches: unknown {', '.join(unknown)}; choose from {', '.join(evaluate.BENCHES)}")
-    if min(args.steps, args.every, args.limit, args.window) < 1:
-        parser.error("--steps, --every, --limit and --window must be positive")
+    if min(args.steps, args.every, args.limit, args.window, args.compare_steps) < 1:
+        parser.error("--steps, --every, --limit, --window and --compare-steps must be positive")
     if args.phase in ("all", "train"):
         train(args, loop_flags)
     if args.phase in ("all", "eval"):
@@ -201,10 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         data = collect(args)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        data["early_late"] = early_late(Path(args.run_dir), args.compare_steps)
         (out / "learning_curve.json").write_text(json.dumps(data, indent=1))
         for path in plot(data, out, args.window):
             print(f"wrote {path}")
         print_evals(data)
+        print_early_late(data["early_late"])
 
 
 if __name__ == "__main__":
