@@ -174,7 +174,9 @@ PRESETS: dict[str, dict] = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        epilog="presets: " + "; ".join(f"{name}: {values or 'the defaults'}" for name, values in PRESETS.items()))
+        epilog="presets: " + "; ".join(f"{name}: {values or 'the defaults'}" for name, values in PRESETS.items())
+        + ". Also: python azr_mini.py --export-seeds RUN_DIR OUT.jsonl writes a run's buffers as seed files "
+        "for the authors' implementation (OUT.jsonl and OUT_code_f.jsonl).")
     for f in fields(Config):
         name, kind = "--" + f.name.replace("_", "-"), type(f.default)
         if kind is bool:
@@ -787,6 +789,48 @@ def ctrl_c_deferred(deliver: bool = True):
 
 
 # ==================================================================================================
+# Export: a run's buffers as seed files for the authors' multi-GPU implementation
+# ==================================================================================================
+# Their trainer reads two jsonl files (azr.seed_dataset and azr.code_f_seed_dataset in its config):
+# deduction and abduction share one set of triplets, {"snippet", "input", "output", "imports",
+# "original_snippet", "composite_functions"} per line, the identity triplet first; induction tasks
+# are {"snippet", "inputs", "outputs", "message", "imports"}, all N pairs in one list (their code
+# shows the first half and checks the second). Given non-empty files it skips its own seeding.
+
+
+def program_imports(program: str) -> list[str]:
+    """The program's top-level import statements, as source lines."""
+    import ast
+    try:
+        tree = ast.parse(program)
+    except SyntaxError:
+        return []
+    return [ast.get_source_segment(program, node) for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+
+
+def export_seeds(run_dir: Path, out: Path) -> tuple[Path, Path]:
+    """Write the newest checkpoint's buffers to `out` (deduction + abduction triplets) and to
+    `<out stem>_code_f.jsonl` (induction tasks). Returns both paths."""
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint found there")
+    buffers = buffers_from_json(read_state(checkpoint)["buffers"])
+    triplets = list(dict.fromkeys(buffers[DEDUCTION] + buffers[ABDUCTION]))   # the seed first, once
+    io_lines = [{"snippet": t.program, "input": t.input, "output": t.output, "imports": program_imports(t.program),
+                 "original_snippet": t.program, "composite_functions": []} for t in triplets]
+    code_f_lines = [{"snippet": t.program, "inputs": [i for i, _ in t.visible + t.hidden],
+                     "outputs": [o for _, o in t.visible + t.hidden], "message": t.message,
+                     "imports": program_imports(t.program)} for t in buffers[INDUCTION]]
+    code_f = out.with_name(out.stem + "_code_f.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for path, lines in ((out, io_lines), (code_f, code_f_lines)):
+        path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    print(f"wrote {len(io_lines)} deduction/abduction triplets to {out} and {len(code_f_lines)} induction "
+          f"tasks to {code_f} (from {checkpoint})")
+    return out, code_f
+
+
+# ==================================================================================================
 # Main
 # ==================================================================================================
 
@@ -880,6 +924,16 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--export-seeds"]:                  # a command of its own, not a training flag
+        if len(argv) != 3:
+            raise SystemExit("usage: python azr_mini.py --export-seeds RUN_DIR OUT.jsonl")
+        try:
+            export_seeds(Path(argv[1]), Path(argv[2]))
+        except CheckpointError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     cfg = parse_args(argv)
     try:
         policy = build_policy(cfg)
