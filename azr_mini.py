@@ -13,8 +13,10 @@ from both roles with Task-Relative REINFORCE++. This file is Algorithm 1 of the 
         4. update    TRR++: one baseline per (task type, role), policy gradient   (Eq. 8)
         5. log, checkpoint
 
-The other files: executor.py (the environment), prompts.py (what each role sees and how its answer
-is read), rewards.py (Eq. 4-6 and 8), policy.py (the model: loading, sampling, log-probs).
+The other files, in reading order: prompts.py (what each role sees and how its answer is read),
+rewards.py (Eq. 4-6 and 8), executor.py (the environment: the three checks, running, comparing),
+policy.py (the model: loading, sampling, log-probs), evaluate.py (benchmarks before and after
+training), sandbox.py (how an untrusted program is jailed).
 
 Where it departs from the paper, and why:
 - LoRA adapters (optionally on a 4-bit base) instead of full fine-tuning, and a short sampling loop
@@ -30,6 +32,7 @@ Where it departs from the paper, and why:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -117,7 +120,9 @@ class Config:
     # --- update (TRR++) ---
     lr: float = flag(5e-5, "AdamW learning rate, constant (LoRA wants 1e-5 to 1e-4)")
     solver_weight: float = flag(1.0, "lambda in J = E[r_propose] + lambda E[r_solve] (paper: 1)")
-    clip_eps: float = flag(0.2, "PPO clip range (inactive: one on-policy epoch makes the ratio 1)")
+    update_epochs: int = flag(1, "passes of the update over each step's samples (paper: 1, where the PPO "
+                              "ratio is 1 and the clip never binds; with more, both work)")
+    clip_eps: float = flag(0.2, "PPO clip range: binds only from the second update epoch on")
     max_grad_norm: float = flag(1.0, "gradient clipping (paper: 1.0)")
     micro_batch: int = flag(4, "sequences per forward/backward in the update")
     # --- executor ---
@@ -145,6 +150,8 @@ class Config:
             "--buffer-cap must be >= --seed-buffer-size": self.buffer_cap >= self.seed_buffer_size,
             "--lr must be > 0": self.lr > 0,
             "--micro-batch must be positive": self.micro_batch > 0,
+            "--update-epochs must be positive": self.update_epochs > 0,
+            "--clip-eps must be in (0, 1)": 0 < self.clip_eps < 1,
             "--exec-timeout-s must be > 0": self.exec_timeout_s > 0,
             "--exec-memory-mb must be >= 64": self.exec_memory_mb >= 64,
         }
@@ -531,7 +538,8 @@ def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: ra
 
 
 def trr_update(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], cfg: Config) -> dict:
-    """One policy-gradient step on the step's episodes; gradients only (the caller steps the optimizer).
+    """The policy-gradient update on the step's episodes. It leaves the last epoch's gradients for
+    the caller to apply (optimizer.step() belongs to the step's commit, see train).
 
     Per response i with advantage A_i (Eq. 8) and tokens t = 1..|y_i|:
 
@@ -539,32 +547,59 @@ def trr_update(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[
         L_i   = -(1 / |y_i|) sum_t min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i)
         L     = (1 / N) [ sum_{i in proposer} L_i + lambda sum_{i in solver} L_i ]
 
-    The samples are fresh and we take one gradient step on them, so pi_theta_old = pi_theta: rho = 1,
-    the clip never binds, and the gradient is plain REINFORCE, A_i * grad log pi. We still write the
-    ratio as PPO does, so that more epochs per batch would be a one-line change. A response with
-    A_i = 0 has a zero gradient, so it is skipped; it still counts in N.
+    With one epoch (the paper's) the samples are fresh and we take one gradient step on them, so
+    pi_theta_old = pi_theta: rho = 1, the clip never binds, and the gradient is plain REINFORCE,
+    A_i * grad log pi. With --update-epochs E > 1, epochs 1..E-1 each end in an optimizer step here,
+    the policy moves away from the one that sampled, and rho and the clip do their work against the
+    log-probs of the first epoch (pi_theta_old). A response with A_i = 0 has a zero gradient, so it
+    is skipped; it still counts in N.
     """
     trained = [e for e in episodes if e.advantage != 0.0 and e.completion_ids]
     n = max(1, len(episodes))
-    total_loss = 0.0
-    for batch in tqdm(length_sorted_batches([len(e.prompt_ids) + len(e.completion_ids) for e in trained],
-                                            cfg.micro_batch), desc="update", unit="batch",
-                      leave=False, dynamic_ncols=True, disable=not trained):
-        group = [trained[i] for i in batch]
-        logp, mask = policy.token_logprobs([e.prompt_ids for e in group], [e.completion_ids for e in group])
-        mask = mask.float()                                                     # [b, T]
-        logp_old = logp.detach()                                                # [b, T] same policy
-        ratio = torch.exp(logp - logp_old)                                      # [b, T] == 1
-        adv = torch.tensor([e.advantage for e in group], device=logp.device)[:, None]          # [b, 1]
-        weight = torch.tensor([cfg.solver_weight if e.request.role == SOLVE else 1.0 for e in group],
-                              device=logp.device)                               # [b]
-        surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv)  # [b, T]
-        per_sequence = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [b] token mean
-        loss = (weight * per_sequence).sum() / n                                # scalar
-        loss.backward()                                                         # accumulate gradients
-        total_loss += loss.item()
-    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
-    return {"loss": total_loss, "grad_norm": float(grad_norm), "trained_sequences": len(trained)}
+    batches = length_sorted_batches([len(e.prompt_ids) + len(e.completion_ids) for e in trained], cfg.micro_batch)
+    old: list[torch.Tensor] = []                # log pi_theta_old per micro-batch, from the first epoch
+    for epoch in range(cfg.update_epochs):
+        if epoch > 0:                           # apply the previous epoch; the caller applies the last
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss, clipped, tokens = 0.0, 0.0, 0.0
+        for k, batch in enumerate(tqdm(batches, desc="update", unit="batch", leave=False, dynamic_ncols=True,
+                                       disable=not trained)):
+            group = [trained[i] for i in batch]
+            logp, mask = policy.token_logprobs([e.prompt_ids for e in group], [e.completion_ids for e in group])
+            mask = mask.float()                                                 # [b, T]
+            if epoch == 0:
+                old.append(logp.detach())                                       # [b, T] the sampling policy
+            ratio = torch.exp(logp - old[k])                                    # [b, T] == 1 in epoch 0
+            adv = torch.tensor([e.advantage for e in group], device=logp.device)[:, None]      # [b, 1]
+            weight = torch.tensor([cfg.solver_weight if e.request.role == SOLVE else 1.0 for e in group],
+                                  device=logp.device)                           # [b]
+            unclipped = ratio * adv
+            clipped_term = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv
+            surrogate = torch.minimum(unclipped, clipped_term)                  # [b, T]
+            per_sequence = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [b] token mean
+            loss = (weight * per_sequence).sum() / n                            # scalar
+            loss.backward()                                                     # accumulate gradients
+            total_loss += loss.item()
+            clipped += ((clipped_term < unclipped).float() * mask).sum().item()  # the clip binds: no gradient
+            tokens += mask.sum().item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), cfg.max_grad_norm)
+    return {"loss": total_loss, "grad_norm": float(grad_norm), "trained_sequences": len(trained),
+            "clip_fraction": clipped / tokens if tokens else 0.0}   # of the last epoch's tokens
+
+
+def trainable_state(policy: Policy, optimizer: torch.optim.Optimizer) -> dict:
+    """A copy of what an update changes (LoRA weights, optimizer state), to undo an unfinished
+    multi-epoch update on Ctrl-C."""
+    return {"params": [p.detach().clone() for p in policy.trainable_parameters()],
+            "optimizer": copy.deepcopy(optimizer.state_dict())}
+
+
+def restore_trainable_state(policy: Policy, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    with torch.no_grad():
+        for p, saved in zip(policy.trainable_parameters(), state["params"]):
+            p.copy_(saved)
+    optimizer.load_state_dict(state["optimizer"])
 
 
 # ==================================================================================================
@@ -887,6 +922,7 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
                 save_checkpoint(run_dir, 0, policy, optimizer, buffers, rng_snapshot(rng), cfg)
         saved_step = step
         snapshot = rng_snapshot(rng)                # the random states at the start of the next step
+        before = None                               # trainable_state before a multi-epoch update
         try:
             while step < cfg.steps:
                 timer = Timer()
@@ -894,11 +930,14 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
                 with timer("step"):
                     episodes, rollouts, new_tasks = self_play_step(policy, executor, buffers, rng, cfg, timer)
                     with timer("update"):
+                        # several epochs step the optimizer before the commit: keep a way back
+                        before = trainable_state(policy, optimizer) if cfg.update_epochs > 1 else None
                         update = trr_update(policy, optimizer, episodes, cfg)
                 with ctrl_c_deferred():             # commit the step as a whole
                     with timer("step"), timer("update"):
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                        before = None
                     for t in TASK_TYPES:
                         add_tasks(buffers[t], new_tasks[t], cfg.buffer_cap)
                     step += 1
@@ -913,6 +952,8 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
                     tqdm.write(summary_line(m))
         except KeyboardInterrupt:
             optimizer.zero_grad(set_to_none=True)   # the unfinished step is dropped
+            if before is not None:                  # and so are its first update epochs
+                restore_trainable_state(policy, optimizer, before)
             with ctrl_c_deferred(deliver=False):    # a second Ctrl-C does not cut the save short
                 if step > saved_step:
                     save_checkpoint(run_dir, step, policy, optimizer, buffers, snapshot, cfg)

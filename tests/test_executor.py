@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import executor
+import sandbox
 from executor import (BANNED_MODULES, Executor, RunResult, parse_literal, safety_violations,
                       same_value)
 
@@ -62,7 +62,7 @@ def _stray_processes() -> list:
     at most one idle child forked for the next call (still root, waiting for its job). A process of
     uid "nobody", or anything deeper, is a program's leftover."""
     procs = _processes()
-    servers = {pid for pid, (ppid, _, cmd) in procs.items() if ppid == os.getpid() and "--serve" in cmd}
+    servers = {pid for pid, (ppid, _, cmd) in procs.items() if ppid == os.getpid() and "._serve(" in cmd}
     stray = [(pid, p) for pid, p in procs.items() if IS_ROOT and p[1] == 65534]
     per_server: dict[int, int] = {}
     for pid, (ppid, _, cmd) in procs.items():
@@ -155,7 +155,9 @@ HOSTILE = [
     Hostile("importlib", "import importlib\ndef f(x):\n    return importlib.import_module('os').sep", "1",
             "rejected", "ok"),
     Hostile("the executor module, loaded in its server",
-            "import executor\ndef f(x):\n    return executor._max_fd", "1", "rejected", None),
+            "import executor\ndef f(x):\n    return executor.Executor", "1", "rejected", None),
+    Hostile("the sandbox module, loaded in its server",
+            "import sandbox\ndef f(x):\n    return sandbox._max_fd", "1", "rejected", None),
     Hostile("__builtins__ dict", "def f(x):\n    return __builtins__['eval']('1+1')", "1", "rejected", None),
     Hostile("sys.modules", "import sys\ndef f(x):\n    return sys.modules['os'].getcwd()", "1", "rejected", None),
     Hostile("string-built name in eval", "def f(x):\n    return eval('__imp' + 'ort__(\"os\")')", "1",
@@ -362,7 +364,7 @@ def test_server_killed_from_outside_is_restarted():
 
 
 def test_hung_server_counts_as_a_crash_and_is_replaced(monkeypatch):
-    monkeypatch.setattr(executor, "_SERVER_GRACE_S", 1.0)
+    monkeypatch.setattr(sandbox, "_SERVER_GRACE_S", 1.0)
     with Executor(timeout_s=0.5, workers=1) as ex:
         assert_still_healthy(ex)
         os.kill(ex._servers[0].proc.pid, signal.SIGSTOP)
@@ -375,14 +377,14 @@ def test_hung_server_counts_as_a_crash_and_is_replaced(monkeypatch):
 
 def test_an_interrupted_call_leaves_no_stale_reply(monkeypatch):
     """Ctrl-C while waiting for a server: the next call must not read the old call's reply."""
-    real_receive = executor._Server.receive
+    real_receive = sandbox._Server.receive
 
     def interrupted(self):
-        monkeypatch.setattr(executor._Server, "receive", real_receive)
+        monkeypatch.setattr(sandbox._Server, "receive", real_receive)
         raise KeyboardInterrupt
 
     with Executor(timeout_s=1.0, workers=1) as ex:
-        monkeypatch.setattr(executor._Server, "receive", interrupted)
+        monkeypatch.setattr(sandbox._Server, "receive", interrupted)
         with pytest.raises(KeyboardInterrupt):
             ex.run("def f(x):\n    return 'old'", "1")
         assert ex.run("def f(x):\n    return 'new'", "1").value == "'new'"

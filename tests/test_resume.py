@@ -181,3 +181,34 @@ def test_keep_every_keeps_those_checkpoints_and_resume_takes_the_newest(tmp_path
     names = sorted(p.name for p in run.glob("checkpoint-*"))
     assert names == ["checkpoint-000000", "checkpoint-000002", "checkpoint-000004", "checkpoint-000005"]
     assert [m["step"] for m in metrics(run)] == [1, 2, 3, 4, 5]
+
+
+def test_several_update_epochs_make_the_clip_work_and_ctrl_c_between_them_undoes_them(
+        uninterrupted, tmp_path, monkeypatch):
+    flags = [*STEPS, "--update-epochs", "3"]
+    reference = run_tiny(tmp_path / "reference", *flags)
+    clip = [m["clip_fraction"] for m in metrics(reference)]
+    assert max(clip) > 0                                   # the policy moved: ratios left [0.8, 1.2]
+    assert all(m["clip_fraction"] == 0 for m in metrics(uninterrupted))   # one epoch: rho = 1
+    assert [without_timings(m) for m in metrics(reference)] != [without_timings(m) for m in metrics(uninterrupted)]
+
+    # Ctrl-C right after the first optimizer step of step 2's update (3 steps per training step:
+    # two between the epochs, one in the commit): that step is dropped, its first epochs undone.
+    real, calls = torch.optim.AdamW.step, []
+
+    def step_then_ctrl_c(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_then_ctrl_c)
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        run_tiny(run_dir, *flags)
+    assert azr_mini.latest_checkpoint(run_dir).name == "checkpoint-000001"
+    monkeypatch.undo()
+    cfg = azr_mini.parse_args(["--resume", str(run_dir)])
+    azr_mini.train(cfg, __import__("scripted").HalfScripted(azr_mini.build_policy(cfg)))
+    assert_same_run(run_dir, reference)
