@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 from executor import Executor
 from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
-from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, PROPOSE, SEED_TRIPLET,
+from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, SEED_TRIPLET,
                      SOLVE, STOP, TASK_TYPES, THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs,
                      parse_induction_proposal, parse_proposal, parse_solution, propose_abduction, propose_deduction,
                      propose_induction, solve_abduction, solve_deduction, solve_induction)
@@ -110,7 +110,7 @@ class Config:
     # --- self-play (Algorithm 1) ---
     batch_size: int = flag(6, "tasks per (task type, role) per step: the size of each TRR++ group (paper: 64)")
     n_references: int = flag(2, "K: reference triplets shown to a deduction/abduction proposer (paper: 6)")
-    n_inputs: int = flag(6, "N: inputs an induction proposer writes; half shown, half hidden (paper: 10)")
+    n_inputs: int = flag(N_INPUTS, "N: inputs an induction proposer writes; half shown, half hidden (paper: 10)")
     learnability_rollouts: int = flag(4, "n: solver rollouts on each new task for Eq. 4 (paper: 8)")
     seed_buffer_size: int = flag(6, "triplets each buffer should hold before training (paper: 256)")
     seed_rounds: int = flag(4, "at most this many rounds of seeding proposals (each fills one generation batch)")

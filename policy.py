@@ -537,34 +537,22 @@ class Policy:
 
     # --- log-probabilities for the update ---
 
-    def token_logprobs(
-        self, prompt_ids: list[list[int]], completion_ids: list[list[int]], micro_batch: int = 0
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi_theta(y_t | x, y_<t) for every completion token y_t, rows in input order.
+    def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_theta(y_t | x, y_<t) for every completion token y_t, rows in input order, in one
+        forward pass over the rows given.
 
         Returns (logp [B, T], mask [B, T]) with T the longest completion; mask is True on real tokens.
         Runs in train mode (LoRA dropout, gradient checkpointing) when autograd is on, in eval mode
-        under torch.no_grad(). Sequences are processed longest first in micro-batches of
-        `micro_batch` (0 = all at once). With autograd on, every micro-batch's graph lives until
-        backward: for an update bounded by one micro-batch's memory, call this once per micro-batch
-        (length_sorted_batches gives the groups) and backward each loss."""
-        size = micro_batch or len(prompt_ids)
-        T = max(len(c) for c in completion_ids)
-        logp = torch.zeros(len(prompt_ids), T, device=self.device)  # [B, T]
-        mask = torch.zeros(len(prompt_ids), T, dtype=torch.bool, device=self.device)  # [B, T]
+        under torch.no_grad(). Memory grows with the rows: the update calls this once per
+        micro-batch (length_sorted_batches gives the groups) and backwards each loss."""
         was_training = self.model.training
         self.model.train(torch.is_grad_enabled())
         try:
-            lengths = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-            for batch in length_sorted_batches(lengths, size):
-                lp, m = self._micro_batch_logprobs([prompt_ids[i] for i in batch], [completion_ids[i] for i in batch])
-                logp[batch, : lp.shape[1]] = lp  # [b, t] into [B, T]
-                mask[batch, : m.shape[1]] = m
+            return self._logprobs(prompt_ids, completion_ids)
         finally:
             self.model.train(was_training)
-        return logp, mask
 
-    def _micro_batch_logprobs(self, prompts: list[list[int]], completions: list[list[int]]):
+    def _logprobs(self, prompts: list[list[int]], completions: list[list[int]]):
         # Layout: prompts left-padded, completions right-padded, so every completion starts in
         # column P and the hidden states we need are positions P-1 .. P+T-2.
         P, T = max(len(p) for p in prompts), max(len(c) for c in completions)

@@ -83,7 +83,7 @@ ROLES = (PROPOSE, SOLVE)
 THINK_PREFILL = "<think>"  # pre-filled at the start of the assistant turn
 STOP = "</answer>"  # generation stops here (kept in the returned text)
 
-N_INPUTS = 10  # induction: inputs asked of the proposer (paper: N = 10); half shown, half hidden
+N_INPUTS = 6  # induction: inputs asked of the proposer, half shown, half hidden; --n-inputs (paper: N = 10)
 
 # The seed of the whole run (paper, Sec. 3.3.1): the identity function is the only outside "data".
 SEED_PROGRAM = "def f(a):\n    return a"

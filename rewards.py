@@ -123,18 +123,19 @@ def grade(executor, items: Sequence[tuple[str, Triplet | InductionTask, str | No
 # Eq. 6: the format-aware composite reward
 
 
-def composite_reward(role: str, well_formed: bool, r_role: float, rule: str = PAPER) -> float:
+def composite_reward(role: str, passable: bool, r_role: float, rule: str = PAPER) -> float:
     """Eq. 6: the reward of one response.
 
-    solver:   well_formed = the answer parsed; r_role = r_solve. Correct -> 1, wrong -> -0.5.
-    proposer: well_formed = the answer parsed AND the task is valid; r_role = r_propose (Eq. 4).
+    passable is the paper's word: the response can be graded at all.
+    solver:   passable = the answer parsed; r_role = r_solve. Correct -> 1, wrong -> -0.5.
+    proposer: passable = the answer parsed AND the task is valid; r_role = r_propose (Eq. 4).
               PAPER:    R = r_propose (0 for a trivial or impossible task).
               OFFICIAL: R = r_propose if it is > 0, else -0.5 (the authors' code).
-    Format error (or invalid task) -> -1 under both rules.
+    Not passable (a format error, or an invalid task) -> -1 under both rules.
     """
     if role not in ROLES or rule not in (PAPER, OFFICIAL):
         raise ValueError(f"unknown role {role!r} or rule {rule!r}")
-    if not well_formed:
+    if not passable:
         return FORMAT_ERROR
     if role == PROPOSE and rule == PAPER:
         return r_role

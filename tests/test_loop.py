@@ -38,7 +38,7 @@ class ScriptedPolicy:
             out.append(Completion([1, 2, 3], [ord(c) % 500 for c in text] or [0], text, truncated=False))
         return out
 
-    def token_logprobs(self, prompt_ids, completion_ids, micro_batch=0):
+    def token_logprobs(self, prompt_ids, completion_ids):
         T = max(len(c) for c in completion_ids)
         logp = torch.zeros(len(completion_ids), T, requires_grad=True)   # [B, T] leaf: grads are dL/dlogp
         mask = torch.tensor([[t < len(c) for t in range(T)] for c in completion_ids])

@@ -253,13 +253,12 @@ def test_token_logprobs_match_direct_computation(tiny, monkeypatch):
     completions = [ids[(i + 1) % len(ids)][: 2 + 3 * i] for i in range(len(ids))]  # lengths 2..14
     for chunk in (64, 4, 1):  # one vocabulary projection per response, or several
         monkeypatch.setattr(tiny, "logprob_chunk", chunk)
-        for micro_batch in (0, 2):
-            with torch.no_grad():
-                logp, mask = tiny.token_logprobs(ids, completions, micro_batch=micro_batch)
-            assert logp.shape == mask.shape == (len(ids), max(map(len, completions)))
-            for i, (p, c) in enumerate(zip(ids, completions)):
-                assert mask[i].sum() == len(c) and (logp[i, len(c):] == 0).all()
-                torch.testing.assert_close(logp[i, : len(c)], slow_logprobs(tiny, p, c), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            logp, mask = tiny.token_logprobs(ids, completions)
+        assert logp.shape == mask.shape == (len(ids), max(map(len, completions)))
+        for i, (p, c) in enumerate(zip(ids, completions)):
+            assert mask[i].sum() == len(c) and (logp[i, len(c):] == 0).all()
+            torch.testing.assert_close(logp[i, : len(c)], slow_logprobs(tiny, p, c), atol=1e-5, rtol=1e-5)
 
 
 def test_chunked_logprobs_give_the_same_gradients(monkeypatch):
