@@ -18,6 +18,8 @@ Three phases, each skipping what is already on disk, so an interrupted run conti
          docs/learning_curve.json         the numbers plotted, and the settings;
          and it prints the loop's own rates (format errors, valid proposals, solve accuracy) over
          the first and the last --compare-steps steps, counted response by response, with intervals.
+  example  (on its own) notebooks/example_run/: config, metrics, evaluation reports and a sample of
+           the responses, for notebooks/02_run_analysis.ipynb.
 
 The README's learning-curve section was made with the defaults below on a 2-core CPU.
 """
@@ -216,6 +218,31 @@ def plot(data: dict, out_dir: Path, window: int) -> list[Path]:
     return written
 
 
+def export_example(run_dir: Path, out: Path, every: int, limit_samples: int = 400) -> None:
+    """A small copy of the run for notebooks/02_run_analysis.ipynb: config, metrics, the evaluation
+    reports of the kept checkpoints (no weights), and a sample of samples.jsonl: every valid or
+    flagged proposal, then an even spread of the other responses, up to limit_samples lines."""
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl"):
+        shutil.copy(run_dir / name, out / name)
+    for checkpoint in kept_checkpoints(run_dir, every):
+        if (checkpoint / "eval").is_dir():
+            shutil.copytree(checkpoint / "eval", out / checkpoint.name / "eval")
+    lines = (run_dir / "samples.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    keep = [k for k, r in enumerate(rows) if r["flagged"] or (r["role"] == "propose" and r["valid"])][:limit_samples]
+    chosen = set(keep)
+    rest = [k for k in range(len(rows)) if k not in chosen]
+    spare = limit_samples - len(keep)
+    if spare > 0 and rest:
+        keep += rest[::max(1, len(rest) // spare)][:spare]
+    (out / "samples.jsonl").write_text("".join(lines[k] + "\n" for k in sorted(keep)))
+    print(f"wrote {out}: {len(keep)} of {len(rows)} samples, "
+          f"{sum(f.stat().st_size for f in out.rglob('*') if f.is_file()) / 1e6:.1f} MB")
+
+
 def print_evals(data: dict) -> None:
     for name, points in sorted(data["evals"].items()):
         row = "  ".join(f"step {p['step']}: {p['correct']}/{p['n']} [{100 * p['interval'][0]:.0f}-{100 * p['interval'][1]:.0f}%]"
@@ -229,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--phase", default="all", choices=("all", "train", "eval", "plot"))
+    parser.add_argument("--phase", default="all", choices=("all", "train", "eval", "plot", "example"),
+                        help="example: copy a small piece of the run to notebooks/example_run/ (not part of all)")
     parser.add_argument("--run-dir", default=str(ROOT / "runs" / "learning-curve"))
     parser.add_argument("--steps", type=int, default=30, help="training steps in all")
     parser.add_argument("--every", type=int, default=10, help="evaluate every N steps (and the base model)")
@@ -249,6 +277,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args, loop_flags)
     if args.phase in ("all", "eval"):
         evaluate_checkpoints(args)
+    if args.phase == "example":
+        export_example(Path(args.run_dir), ROOT / "notebooks" / "example_run", args.every)
     if args.phase in ("all", "plot"):
         data = collect(args)
         out = Path(args.out)

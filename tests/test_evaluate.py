@@ -3,9 +3,6 @@ wrong (0%) or unreadable (format errors), the tiny model end to end, the report,
 
 import gzip
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +13,6 @@ from policy import Completion
 from prompts import ABDUCTION, DEDUCTION, INDUCTION, InductionTask, Triplet
 from scripted import HalfScripted, TINY_FLAGS, answer, run_tiny
 
-ROOT = Path(__file__).resolve().parents[1]
 CRUX = [{"code": "def f(x):\n    return x + 1", "input": "1", "output": "2", "id": "a"},
         {"code": "def f(s):\n    return s[::-1]", "input": "'ab'", "output": "'ba'", "id": "b"},
         {"code": "def f(a, b):\n    return a * b", "input": "3, 4", "output": "12", "id": "c"}]
@@ -227,12 +223,12 @@ def test_make_selfplay_writes_tasks_that_load_back(tmp_path, tiny, executor):
     assert all(i.task.program != "def f(a):\n    return a" for i in items if i.kind != INDUCTION)  # not the seed
 
 
-def test_bad_flags_exit_with_a_message():
-    def run(*args):
-        return subprocess.run([sys.executable, "evaluate.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    out = run("--bench", "mmlu")
-    assert out.returncode == 2 and "unknown mmlu" in out.stderr
-    out = run("--bench", "cruxeval-o,gsm8k", "--data", "x.jsonl")
-    assert out.returncode == 2 and "one --bench" in out.stderr
-    out = run("--model", "tiny", "--bench", "gsm8k", "--data", "/nonexistent.jsonl")
-    assert out.returncode == 1 and "no such file" in out.stderr
+def test_bad_flags_exit_with_a_message(capsys):
+    for argv, code, message in ((["--bench", "mmlu"], 2, "unknown mmlu"),
+                                (["--bench", "cruxeval-o,gsm8k", "--data", "x.jsonl"], 2, "one --bench"),
+                                (["--limit", "0"], 2, "--limit must be positive")):
+        with pytest.raises(SystemExit) as exit_info:
+            ev.main(argv)
+        assert exit_info.value.code == code and message in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="no such file"):   # before any model is loaded
+        ev.main(["--model", "tiny", "--bench", "gsm8k", "--data", "/nonexistent.jsonl"])

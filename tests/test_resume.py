@@ -185,12 +185,12 @@ def test_keep_every_keeps_those_checkpoints_and_resume_takes_the_newest(tmp_path
 
 def test_several_update_epochs_make_the_clip_work_and_ctrl_c_between_them_undoes_them(
         uninterrupted, tmp_path, monkeypatch):
-    flags = [*STEPS, "--update-epochs", "3"]
+    flags = ["--steps", "2", "--save-every", "5", "--max-new-tokens", "8", "--update-epochs", "3"]
     reference = run_tiny(tmp_path / "reference", *flags)
     clip = [m["clip_fraction"] for m in metrics(reference)]
     assert max(clip) > 0                                   # the policy moved: ratios left [0.8, 1.2]
     assert all(m["clip_fraction"] == 0 for m in metrics(uninterrupted))   # one epoch: rho = 1
-    assert [without_timings(m) for m in metrics(reference)] != [without_timings(m) for m in metrics(uninterrupted)]
+    assert [without_timings(m) for m in metrics(reference)] != [without_timings(m) for m in metrics(uninterrupted)][:2]
 
     # Ctrl-C right after the first optimizer step of step 2's update (3 steps per training step:
     # two between the epochs, one in the commit): that step is dropped, its first epochs undone.
