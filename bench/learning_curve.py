@@ -16,6 +16,8 @@ Three phases, each skipping what is already on disk, so an interrupted run conti
                                           proposals, solve accuracy and response length per type,
                                           entropy, zero-advantage share), raw and as a moving mean;
          docs/learning_curve.json         the numbers plotted, and the settings;
+         and for each benchmark the base model against the last checkpoint on the same items: how
+         many were fixed, how many broken, and the exact McNemar p-value of that split;
          and it prints the loop's own rates (format errors, valid proposals, solve accuracy) over
          the first and the last --compare-steps steps, counted response by response, with intervals.
   example  (on its own) notebooks/example_run/: config, metrics, evaluation reports and a sample of
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +82,26 @@ def evaluate_checkpoints(args) -> None:
         subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *command], check=True)
 
 
+def mcnemar(fixed: int, broken: int) -> float:
+    """Exact two-sided McNemar test: the chance of a split at least this uneven between items that
+    went wrong -> right (fixed) and right -> wrong (broken), were training to change nothing."""
+    n = fixed + broken
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(fixed, broken) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(first: Path, last: Path) -> dict:
+    """The same items before and after: how many each checkpoint got right, how many changed."""
+    before = {o["id"]: o["correct"] for o in json.loads(first.read_text())["items"]}
+    after = {o["id"]: o["correct"] for o in json.loads(last.read_text())["items"]}
+    common = before.keys() & after.keys()
+    fixed = sum(after[i] and not before[i] for i in common)
+    broken = sum(before[i] and not after[i] for i in common)
+    return {"n": len(common), "fixed": fixed, "broken": broken, "p": mcnemar(fixed, broken)}
+
+
 def moving_mean(values: list, window: int) -> list:
     out = []
     for k in range(len(values)):
@@ -102,6 +125,13 @@ def collect(args) -> dict:
                 evals.setdefault(name, []).append({"step": step_of(checkpoint), "n": s["n"], "correct": s["correct"],
                                                    "accuracy": s["accuracy"], "interval": s["interval"],
                                                    "format_errors": s["format_errors"]})
+    checkpoints = kept_checkpoints(run_dir, args.every)
+    pairs = {}
+    for bench in args.benches.split(","):   # the base model against the last evaluated checkpoint
+        done = [c for c in checkpoints if report_path(c, bench, args.limit).exists()]
+        if len(done) > 1:
+            pairs[bench] = {"steps": [step_of(done[0]), step_of(done[-1])],
+                            **paired(report_path(done[0], bench, args.limit), report_path(done[-1], bench, args.limit))}
     metrics_path = run_dir / "metrics.jsonl"
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     keys = [k for k, _ in SIGNALS] + [f"accuracy/{t}" for t in TASK_TYPES] + [f"valid_proposals/{t}" for t in TASK_TYPES] \
@@ -109,7 +139,7 @@ def collect(args) -> dict:
     signals = {k: [m.get(k) for m in lines] for k in keys}
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     return {"run_dir": str(run_dir), "limit": args.limit, "config": config, "steps": [m["step"] for m in lines],
-            "evals": evals, "signals": signals}
+            "evals": evals, "paired": pairs, "signals": signals}
 
 
 def early_late(run_dir: Path, window: int) -> dict:
@@ -248,6 +278,9 @@ def print_evals(data: dict) -> None:
         row = "  ".join(f"step {p['step']}: {p['correct']}/{p['n']} [{100 * p['interval'][0]:.0f}-{100 * p['interval'][1]:.0f}%]"
                         for p in points)
         print(f"{name:<24} {row}")
+    for bench, p in data["paired"].items():
+        print(f"{bench}, step {p['steps'][0]} -> {p['steps'][1]}, the same {p['n']} items: {p['fixed']} fixed, "
+              f"{p['broken']} broken (exact McNemar p = {p['p']:.2f})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -28,6 +28,7 @@ def test_learning_curve_trains_evaluates_every_kept_checkpoint_and_draws(tmp_pat
     data = json.loads((tmp_path / "docs" / "learning_curve.json").read_text())
     assert data["steps"] == [1, 2] and [p["step"] for p in data["evals"]["selfplay"]] == [0, 1, 2]
     assert len(data["signals"]["format_errors"]) == 2
+    assert data["paired"]["selfplay"]["steps"] == [0, 2] and data["paired"]["selfplay"]["n"] == 3
     # a second call with more steps resumes the run and evaluates only the new checkpoint
     out = curve(tmp_path, "--steps", "3", "--every", "1")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -38,3 +39,15 @@ def test_learning_curve_trains_evaluates_every_kept_checkpoint_and_draws(tmp_pat
 def test_learning_curve_refuses_an_unknown_benchmark(tmp_path):
     out = curve(tmp_path, "--benches", "mmlu")
     assert out.returncode == 2 and "unknown mmlu" in out.stderr
+
+
+def test_the_paired_test_counts_fixed_and_broken_items(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning_curve
+    assert learning_curve.mcnemar(0, 0) == 1.0 and learning_curve.mcnemar(3, 3) == 1.0
+    assert learning_curve.mcnemar(5, 0) == 2 / 32                 # all 5 changes one way: p = 2 * 0.5^5
+    assert abs(learning_curve.mcnemar(10, 3) - 0.0923) < 1e-4
+    for name, right in (("a.json", [True, False, False, True]), ("b.json", [True, True, True, False])):
+        (tmp_path / name).write_text(json.dumps({"items": [{"id": str(k), "correct": c} for k, c in enumerate(right)]}))
+    assert learning_curve.paired(tmp_path / "a.json", tmp_path / "b.json") == {
+        "n": 4, "fixed": 2, "broken": 1, "p": 1.0}
