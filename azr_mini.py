@@ -806,19 +806,45 @@ def load_checkpoint(checkpoint: Path, policy: Policy, optimizer) -> tuple[int, B
     return state["step"], buffers, (version, tuple(internal), gauss)
 
 
+# Ctrl-C (SIGINT) and `kill PID` (SIGTERM) both stop a run the same way: the last whole step is
+# saved. (A job started in the background by a non-interactive shell ignores SIGINT; SIGTERM still works.)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 @contextmanager
-def ctrl_c_deferred(deliver: bool = True):
-    """Hold Ctrl-C while a step is committed (optimizer step, buffers, logs, checkpoint), then
-    deliver it as a KeyboardInterrupt (or drop it, with deliver=False)."""
-    received = []
+def sigterm_as_ctrl_c():
+    """During training, SIGTERM raises KeyboardInterrupt, as Ctrl-C does."""
     if threading.current_thread() is not threading.main_thread():   # signals reach the main thread only
         yield
         return
-    previous = signal.signal(signal.SIGINT, lambda *_: received.append(True))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def ctrl_c_deferred(deliver: bool = True):
+    """Hold Ctrl-C and SIGTERM while a step is committed (optimizer step, buffers, logs, checkpoint),
+    then deliver them as a KeyboardInterrupt (or drop them, with deliver=False)."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s, handler in previous.items():
+        if handler is not signal.SIG_IGN:           # an ignored signal stays ignored
+            signal.signal(s, lambda *_: received.append(True))
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if received and deliver:
         raise KeyboardInterrupt
 
@@ -884,8 +910,8 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
 
     A step is computed first (sampling, executing, gradients) and then committed as one block that
     Ctrl-C cannot split: optimizer step, buffers, step count, metrics, samples, the RNG snapshot and
-    (when due) the checkpoint. An interrupt before the commit drops the unfinished step; one during
-    it waits for the commit to end. Either way the saved checkpoint, its RNG states and the logs agree,
+    (when due) the checkpoint. An interrupt (Ctrl-C, or SIGTERM from `kill PID`) before the commit
+    drops the unfinished step; one during it waits for the commit to end. Either way the saved checkpoint, its RNG states and the logs agree,
     and --resume continues as if nothing had happened (a kill -9 loses at most the steps since the
     last checkpoint, which a resumed run recomputes exactly)."""
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
@@ -899,8 +925,8 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
     rng = random.Random(cfg.seed)                   # buffers, references, solve batches
     log = RunLog(run_dir)
     timer = Timer()
-    with Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
-                  workers=cfg.exec_workers or None) as executor:
+    with sigterm_as_ctrl_c(), Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
+                                       workers=cfg.exec_workers or None) as executor:
         checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
         if cfg.resume and checkpoint is None:
             raise CheckpointError(f"--resume {cfg.resume}: no checkpoint found there")

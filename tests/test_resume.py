@@ -212,3 +212,24 @@ def test_several_update_epochs_make_the_clip_work_and_ctrl_c_between_them_undoes
     cfg = azr_mini.parse_args(["--resume", str(run_dir)])
     azr_mini.train(cfg, __import__("scripted").HalfScripted(azr_mini.build_policy(cfg)))
     assert_same_run(run_dir, reference)
+
+
+def test_kill_pid_saves_the_last_whole_step_like_ctrl_c(uninterrupted, tmp_path):
+    """SIGTERM (what `kill PID` sends, and what a background job still obeys) stops a real trainer
+    process as Ctrl-C does: the last whole step is saved, and the resumed run is the same run."""
+    run_dir = tmp_path / "run"
+    script = [sys.executable, str(ROOT / "tests" / "scripted.py")]
+    proc = subprocess.Popen(script + ["--run-dir", str(run_dir), *STEPS], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.monotonic() < deadline   # step 1 committed
+        time.sleep(0.05)
+    proc.terminate()
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    saved = azr_mini.latest_checkpoint(run_dir).name
+    assert f"interrupted: saved step {int(saved.split('-')[1])}" in out and saved != "checkpoint-000000"
+    _, err = subprocess.Popen(script + ["--resume", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True).communicate(timeout=300)
+    assert_same_run(run_dir, uninterrupted)
