@@ -779,6 +779,15 @@ def damaged(path: Path, error: Exception) -> CheckpointError:
     return CheckpointError(f"{path} is damaged ({type(error).__name__}: {first_line})")
 
 
+def read_adapter(checkpoint: Path, device) -> dict:
+    """The LoRA weights of a checkpoint; CheckpointError naming the file if it is damaged."""
+    import peft
+    try:
+        return peft.load_peft_weights(str(checkpoint / "adapter"), device=str(device))
+    except Exception as error:   # safetensors raises several kinds for a damaged file
+        raise damaged(checkpoint / "adapter" / "adapter_model.safetensors", error) from None
+
+
 def load_checkpoint(checkpoint: Path, policy: Policy, optimizer) -> tuple[int, Buffers, tuple]:
     """Restore adapter and optimizer in place, and the torch RNGs; return (step, buffers, python RNG
     state). Every file is read before anything is restored; a damaged one raises CheckpointError
@@ -790,10 +799,7 @@ def load_checkpoint(checkpoint: Path, policy: Policy, optimizer) -> tuple[int, B
         version, internal, gauss = state["python_rng"]
     except (ValueError, KeyError, TypeError) as error:
         raise damaged(checkpoint / "state.json", error) from None
-    try:
-        weights = peft.load_peft_weights(str(checkpoint / "adapter"), device=str(policy.device))
-    except Exception as error:   # safetensors raises several kinds for a damaged file
-        raise damaged(checkpoint / "adapter" / "adapter_model.safetensors", error) from None
+    weights = read_adapter(checkpoint, policy.device)
     try:
         trainer = torch.load(checkpoint / "trainer.pt", weights_only=True)
     except Exception as error:   # so does torch.load

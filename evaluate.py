@@ -335,9 +335,9 @@ def load_model(model: str | None, adapter: str | None, dtype: str, device: str) 
         raise SystemExit(f"error: {error}") from None
     if adapter:
         try:
-            weights = peft.load_peft_weights(str(checkpoint / "adapter"), device=str(policy.device))
-        except Exception as error:   # safetensors raises several kinds for a damaged file
-            raise SystemExit(f"error: {azr_mini.damaged(checkpoint / 'adapter' / 'adapter_model.safetensors', error)}") from None
+            weights = azr_mini.read_adapter(checkpoint, policy.device)
+        except azr_mini.CheckpointError as error:
+            raise SystemExit(f"error: {error}") from None
         peft.set_peft_model_state_dict(policy.model, weights)
     return policy, info
 
