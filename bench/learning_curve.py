@@ -10,7 +10,8 @@ Three phases, each skipping what is already on disk, so an interrupted run conti
          (or --resume RUN --steps S once the run exists); the cpu preset unless the flags say otherwise.
   eval   python evaluate.py --adapter RUN/checkpoint-N --bench B --limit L for every kept checkpoint
          (step 0 is the base model: its adapter is still the zero init), written to
-         RUN/checkpoint-N/eval/<bench>-<L>.json.
+         RUN/checkpoint-N/eval/<bench>-<L>.json; the transfer benchmarks (--end-benches: HumanEval,
+         GSM8K) only on the base model and the last kept checkpoint, before and after.
   plot   docs/learning_curve_eval.png     benchmark accuracy per checkpoint, with 95% intervals;
          docs/learning_curve_signals.png  the loop's own signals per step (format errors, valid
                                           proposals, solve accuracy and response length per type,
@@ -72,9 +73,23 @@ def report_path(checkpoint: Path, bench: str, limit: int) -> Path:
     return checkpoint / "eval" / evaluate.report_name(bench, limit)   # where evaluate.py puts it
 
 
+def bench_lists(args) -> tuple[list[str], list[str]]:
+    """(--benches, --end-benches not already in --benches)."""
+    every = args.benches.split(",")
+    return every, [b for b in args.end_benches.split(",") if b and b not in every]
+
+
+def benches_of(args, checkpoint: Path, checkpoints: list[Path]) -> list[str]:
+    """Every kept checkpoint gets --benches; the first and the last get --end-benches as well."""
+    every, end = bench_lists(args)
+    return every + end if checkpoint in (checkpoints[0], checkpoints[-1]) else every
+
+
 def evaluate_checkpoints(args) -> None:
-    for checkpoint in kept_checkpoints(Path(args.run_dir), args.every):
-        missing = [b for b in args.benches.split(",") if not report_path(checkpoint, b, args.limit).exists()]
+    checkpoints = kept_checkpoints(Path(args.run_dir), args.every)
+    for checkpoint in checkpoints:
+        missing = [b for b in benches_of(args, checkpoint, checkpoints)
+                   if not report_path(checkpoint, b, args.limit).exists()]
         if not missing:
             continue
         command = ["--adapter", str(checkpoint), "--bench", ",".join(missing), "--limit", str(args.limit)]
@@ -113,9 +128,11 @@ def moving_mean(values: list, window: int) -> list:
 def collect(args) -> dict:
     """The numbers to plot: eval accuracy per checkpoint, and the loop's signals per step."""
     run_dir = Path(args.run_dir)
+    every, end = bench_lists(args)
+    benches = every + end
     evals: dict[str, list] = {}
     for checkpoint in kept_checkpoints(run_dir, args.every):
-        for bench in args.benches.split(","):
+        for bench in benches:
             path = report_path(checkpoint, bench, args.limit)
             if not path.exists():
                 continue
@@ -127,7 +144,7 @@ def collect(args) -> dict:
                                                    "format_errors": s["format_errors"]})
     checkpoints = kept_checkpoints(run_dir, args.every)
     pairs = {}
-    for bench in args.benches.split(","):   # the base model against the last evaluated checkpoint
+    for bench in benches:   # the base model against the last evaluated checkpoint
         done = [c for c in checkpoints if report_path(c, bench, args.limit).exists()]
         if len(done) > 1:
             pairs[bench] = {"steps": [step_of(done[0]), step_of(done[-1])],
@@ -295,15 +312,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30, help="training steps in all")
     parser.add_argument("--every", type=int, default=10, help="evaluate every N steps (and the base model)")
     parser.add_argument("--benches", default="cruxeval-o,cruxeval-i,selfplay")
+    parser.add_argument("--end-benches", default="humaneval,gsm8k",
+                        help="evaluated on the base model and the last kept checkpoint only ('' for none)")
     parser.add_argument("--limit", type=int, default=64, help="items per benchmark")
     parser.add_argument("--window", type=int, default=5, help="steps in the moving mean of the signals")
     parser.add_argument("--compare-steps", type=int, default=10, help="the first and the last N steps, "
                         "compared response by response")
     parser.add_argument("--out", default=str(DOCS), help="where the PNGs and the JSON go")
     args = parser.parse_args(argv)
-    unknown = [b for b in args.benches.split(",") if b not in evaluate.BENCHES]
+    every, end = bench_lists(args)
+    unknown = [b for b in every + end if b not in evaluate.BENCHES]
     if unknown:
-        parser.error(f"--benches: unknown {', '.join(unknown)}; choose from {', '.join(evaluate.BENCHES)}")
+        parser.error(f"--benches/--end-benches: unknown {', '.join(unknown)}; choose from {', '.join(evaluate.BENCHES)}")
     if min(args.steps, args.every, args.limit, args.window, args.compare_steps) < 1:
         parser.error("--steps, --every, --limit, --window and --compare-steps must be positive")
     if args.phase in ("all", "train"):

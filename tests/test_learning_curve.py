@@ -12,7 +12,7 @@ TINY = ["--model", "tiny", "--max-new-tokens", "8", "--batch-size", "2", "--n-in
 
 def curve(tmp_path, *args):
     return subprocess.run([sys.executable, "bench/learning_curve.py", "--run-dir", str(tmp_path / "run"),
-                           "--out", str(tmp_path / "docs"), "--benches", "selfplay", "--limit", "3", *args,
+                           "--out", str(tmp_path / "docs"), "--benches", "selfplay", "--end-benches", "humaneval", "--limit", "3", *args,
                            "--", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
@@ -23,22 +23,29 @@ def test_learning_curve_trains_evaluates_every_kept_checkpoint_and_draws(tmp_pat
     for step in (0, 1, 2):                          # the base model (step 0) and both steps were kept
         report = json.loads((run / f"checkpoint-{step:06d}" / "eval" / "selfplay-3.json").read_text())
         assert report["step"] == step and report["summary"]["n"] == 3
+    # the transfer benchmark only before and after: the base model and the last kept checkpoint
+    assert [(run / f"checkpoint-{step:06d}" / "eval" / "humaneval-3.json").exists() for step in (0, 1, 2)] == [True, False, True]
     assert (tmp_path / "docs" / "learning_curve_eval.png").stat().st_size > 10_000
     assert (tmp_path / "docs" / "learning_curve_signals.png").stat().st_size > 10_000
     data = json.loads((tmp_path / "docs" / "learning_curve.json").read_text())
     assert data["steps"] == [1, 2] and [p["step"] for p in data["evals"]["selfplay"]] == [0, 1, 2]
     assert len(data["signals"]["format_errors"]) == 2
     assert data["paired"]["selfplay"]["steps"] == [0, 2] and data["paired"]["selfplay"]["n"] == 3
+    assert [p["step"] for p in data["evals"]["humaneval"]] == [0, 2] and data["paired"]["humaneval"]["steps"] == [0, 2]
     # a second call with more steps resumes the run and evaluates only the new checkpoint
     out = curve(tmp_path, "--steps", "3", "--every", "1")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "--resume" in out.stdout and out.stdout.count("eval: python evaluate.py") == 1
-    assert [p["step"] for p in json.loads((tmp_path / "docs" / "learning_curve.json").read_text())["evals"]["selfplay"]] == [0, 1, 2, 3]
+    data = json.loads((tmp_path / "docs" / "learning_curve.json").read_text())
+    assert [p["step"] for p in data["evals"]["selfplay"]] == [0, 1, 2, 3]
+    assert [p["step"] for p in data["evals"]["humaneval"]] == [0, 2, 3] and data["paired"]["humaneval"]["steps"] == [0, 3]
 
 
 def test_learning_curve_refuses_an_unknown_benchmark(tmp_path):
     out = curve(tmp_path, "--benches", "mmlu")
     assert out.returncode == 2 and "unknown mmlu" in out.stderr
+    out = curve(tmp_path, "--end-benches", "humaneval,mbpp")
+    assert out.returncode == 2 and "unknown mbpp" in out.stderr
 
 
 def test_the_paired_test_counts_fixed_and_broken_items(tmp_path):
