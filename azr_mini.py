@@ -57,7 +57,7 @@ from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_p
 from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, SEED_TRIPLET,
                      SOLVE, STOP, TASK_TYPES, THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs,
                      parse_induction_proposal, parse_proposal, parse_solution, propose_abduction, propose_deduction,
-                     propose_induction, solve_abduction, solve_deduction, solve_induction)
+                     propose_induction, solve_abduction, solve_deduction, solve_induction, thinks_empty)
 from rewards import (OFFICIAL, PAPER, check_induction_proposals, check_proposals, composite_reward,
                      grade, is_copy, normalized, r_propose, trr_advantages)
 
@@ -626,6 +626,9 @@ def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], bu
         m[f"accuracy/{t}"] = mean(e.r_role for e in solves)
         m[f"length/{t}/propose"] = mean(len(e.completion_ids) for e in proposals)
         m[f"length/{t}/solve"] = mean(len(e.completion_ids) for e in solves)
+        # solver answers with an empty <think>, learnability rollouts included: has it stopped reasoning?
+        m[f"empty_think/{t}"] = mean(thinks_empty(e.text) for e in everything
+                                     if e.request.task_type == t and e.request.role == SOLVE)
         m[f"buffer/{t}"] = len(buffers[t])
     proposals = [e for e in episodes if e.request.role == PROPOSE]
     m["valid_proposals"] = mean(e.valid for e in proposals)

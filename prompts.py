@@ -450,6 +450,14 @@ def parse_response(text: str) -> Response | None:
     return Response(think=think.strip(), answer=text[a + len("<answer>") : e].strip())
 
 
+def thinks_empty(text: str) -> bool:
+    """A well-formed response whose <think> block is empty: an answer given without reasoning.
+    A health signal: the format reward can teach a solver that rarely succeeds to stop thinking,
+    since an empty think is never cut off (see the README's learning curve)."""
+    response = parse_response(text)
+    return response is not None and not response.think
+
+
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
     """All ```tag ... ``` blocks in `text`, in order, as (lowercase tag, body).
 

@@ -19,7 +19,7 @@ Three phases, each skipping what is already on disk, so an interrupted run conti
          docs/learning_curve.json         the numbers plotted, and the settings;
          and for each benchmark the base model against the last checkpoint on the same items: how
          many were fixed, how many broken, and the exact McNemar p-value of that split;
-         and it prints the loop's own rates (format errors, valid proposals, solve accuracy) over
+         and it prints the loop's own rates (format errors, valid proposals, solve accuracy, empty thinks) over
          the first and the last --compare-steps steps, counted response by response, with intervals.
   example  (on its own) notebooks/example_run/: config, metrics, evaluation reports and a sample of
            the responses, for notebooks/02_run_analysis.ipynb.
@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import azr_mini  # noqa: E402
 import evaluate  # noqa: E402
-from prompts import TASK_TYPES  # noqa: E402
+from prompts import TASK_TYPES, thinks_empty  # noqa: E402
 
 DOCS = ROOT / "docs"
 # The loop's signals drawn, as (metrics.jsonl key, label); per-type keys are filled in below.
@@ -152,7 +152,8 @@ def collect(args) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()] if metrics_path.exists() else []
     keys = [k for k, _ in SIGNALS] + [f"accuracy/{t}" for t in TASK_TYPES] + [f"valid_proposals/{t}" for t in TASK_TYPES] \
-        + [f"length/{t}/{role}" for t in TASK_TYPES for role in ("propose", "solve")]
+        + [f"length/{t}/{role}" for t in TASK_TYPES for role in ("propose", "solve")] \
+        + [f"empty_think/{t}" for t in TASK_TYPES]
     signals = {k: [m.get(k) for m in lines] for k in keys}
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     return {"run_dir": str(run_dir), "limit": args.limit, "config": config, "steps": [m["step"] for m in lines],
@@ -179,6 +180,8 @@ def early_late(run_dir: Path, window: int) -> dict:
            for t in TASK_TYPES},
         **{f"solve accuracy, {t}": ((lambda r, t=t: r["task_type"] == t and r["phase"] == "solve"),
                                     lambda r: r["r_role"] == 1.0) for t in TASK_TYPES},
+        **{f"empty think, solve/{t}": ((lambda r, t=t: r["task_type"] == t and r["role"] == "solve"),
+                                       lambda r: thinks_empty(r["completion"])) for t in TASK_TYPES},
     }
     out = {"window": window, "spans": spans, "rates": {}}
     for name, (counts, hit) in rates.items():
@@ -214,20 +217,26 @@ def plot(data: dict, out_dir: Path, window: int) -> list[Path]:
     written = []
     names = sorted(data["evals"])
     if names:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for name in names:
-            points = data["evals"][name]
-            steps = [p["step"] for p in points]
-            acc = [100 * p["accuracy"] for p in points]
-            err = [[100 * (p["accuracy"] - p["interval"][0]) for p in points],
-                   [100 * (p["interval"][1] - p["accuracy"]) for p in points]]
-            ax.errorbar(steps, acc, yerr=err, marker="o", capsize=3, label=f"{name} (n={points[0]['n']})",
-                        linestyle="--" if "/" in name else "-")
-        ax.set_xlabel("training step (0 = the base model)")
-        ax.set_ylabel("accuracy, % (greedy; bars: 95% Wilson interval)")
-        ax.set_title("Benchmarks along the run")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        # left: one line per benchmark; right: the held-out self-play set per task type
+        groups = [[n for n in names if "/" not in n], [n for n in names if "/" in n]]
+        groups = [g for g in groups if g]
+        fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4.5), squeeze=False)
+        last = max(p["step"] for points in data["evals"].values() for p in points)
+        for ax, group, title in zip(axes[0], groups, ("Benchmarks along the run", "Held-out self-play tasks, per type")):
+            for k, name in enumerate(group):
+                points = data["evals"][name]
+                shift = (k - (len(group) - 1) / 2) * last / 150   # side by side, so the bars do not hide each other
+                steps = [p["step"] + shift for p in points]
+                acc = [100 * p["accuracy"] for p in points]
+                err = [[100 * (p["accuracy"] - p["interval"][0]) for p in points],
+                       [100 * (p["interval"][1] - p["accuracy"]) for p in points]]
+                ax.errorbar(steps, acc, yerr=err, marker="o", capsize=3, label=f"{name} (n={points[0]['n']})")
+            ax.set_xlabel("training step (0 = the base model)")
+            ax.set_ylabel("accuracy, % (greedy; bars: 95% Wilson interval)")
+            ax.set_ylim(bottom=0)
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
         fig.tight_layout()
         written.append(out_dir / "learning_curve_eval.png")
         fig.savefig(written[-1], dpi=110)

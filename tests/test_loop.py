@@ -172,7 +172,7 @@ def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
     for key in ["reward/deduction/propose", "reward/induction/solve", "valid_proposals", "accuracy/abduction",
                 "format_errors", "length/abduction/solve", "truncated", "zero_advantage", "buffer/induction",
                 "executor/calls", "time/generate", "time/execute", "time/update", "time/other",
-                "memory/peak_rss_mb", "flagged", "loss", "grad_norm", "entropy", "copies"]:
+                "memory/peak_rss_mb", "flagged", "loss", "grad_norm", "entropy", "copies", "empty_think/abduction"]:
         assert key in m2, key
     assert m2["executor/calls"] > 0 and m2["trained_sequences"] > 0
     assert 0 < m2["entropy"] < math.log(152_000)  # nats; at most log of the vocabulary size
@@ -285,6 +285,7 @@ def test_copies_are_rejected_and_earn_the_invalid_reward():
     assert new_tasks[DEDUCTION] == [] and len(new_tasks[ABDUCTION]) == len(new_tasks[INDUCTION]) == 1
     m = azr_mini.step_metrics(1, episodes, [], buffers, 0, azr_mini.Counter(), azr_mini.Timer(), {})
     assert m["copies"] == pytest.approx(4 / 6)
+    assert m["empty_think/abduction"] == 0.0                  # "x" is a format error, not an empty think
 
 
 def test_the_worked_examples_inputs_are_a_copy_for_induction():

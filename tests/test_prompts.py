@@ -26,6 +26,7 @@ from prompts import (
     parse_proposal,
     parse_response,
     parse_solution,
+    thinks_empty,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +159,13 @@ def test_response_format_errors():
         "</answer><answer></think>",
     ]:
         assert parse_response(bad) is None, bad
+
+
+def test_an_answer_without_reasoning_is_spotted():
+    assert thinks_empty(" </think>\n<answer>\n[]\n</answer>")            # the prefill, then nothing
+    assert thinks_empty("<think> \n </think><answer>4</answer>")
+    assert not thinks_empty(" f doubles it, so 4.\n</think>\n<answer>\n4\n</answer>")
+    assert not thinks_empty("<answer>4</answer>")                          # a format error, not this
 
 
 # ------------------------------------------------------------------------------------------------
