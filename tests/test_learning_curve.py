@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "tiny", "--max-new-tokens", "8", "--batch-size", "2", "--n-inputs", "4",
         "--learnability-rollouts", "2", "--seed-buffer-size", "2", "--seed-rounds", "1", "--exec-timeout-s", "2"]
@@ -41,11 +43,14 @@ def test_learning_curve_trains_evaluates_every_kept_checkpoint_and_draws(tmp_pat
     assert [p["step"] for p in data["evals"]["humaneval"]] == [0, 2, 3] and data["paired"]["humaneval"]["steps"] == [0, 3]
 
 
-def test_learning_curve_refuses_an_unknown_benchmark(tmp_path):
-    out = curve(tmp_path, "--benches", "mmlu")
-    assert out.returncode == 2 and "unknown mmlu" in out.stderr
-    out = curve(tmp_path, "--end-benches", "humaneval,mbpp")
-    assert out.returncode == 2 and "unknown mbpp" in out.stderr
+def test_learning_curve_refuses_an_unknown_benchmark(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import learning_curve
+    for flags, name in ((["--benches", "mmlu"], "mmlu"), (["--end-benches", "humaneval,mbpp"], "mbpp")):
+        with pytest.raises(SystemExit) as stopped:            # before anything is trained or read
+            learning_curve.main(["--run-dir", str(tmp_path / "run"), *flags])
+        assert stopped.value.code == 2 and f"unknown {name}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_paired_test_counts_fixed_and_broken_items(tmp_path):
