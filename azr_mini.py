@@ -920,9 +920,10 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
     A step is computed first (sampling, executing, gradients) and then committed as one block that
     Ctrl-C cannot split: optimizer step, buffers, step count, metrics, samples, the RNG snapshot and
     (when due) the checkpoint. An interrupt (Ctrl-C, or SIGTERM from `kill PID`) before the commit
-    drops the unfinished step; one during it waits for the commit to end. Either way the saved checkpoint, its RNG states and the logs agree,
-    and --resume continues as if nothing had happened (a kill -9 loses at most the steps since the
-    last checkpoint, which a resumed run recomputes exactly)."""
+    drops the unfinished step; one during it waits for the commit to end. Either way the saved
+    checkpoint, its RNG states and the logs agree, and --resume continues as if nothing had happened
+    (a kill -9 loses at most the steps since the last checkpoint, which a resumed run recomputes
+    exactly)."""
     run_dir = Path(cfg.run_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if not cfg.resume and latest_checkpoint(run_dir) is not None:
         raise CheckpointError(f"{run_dir} holds a run already: continue it with --resume {run_dir}, "

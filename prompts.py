@@ -452,8 +452,8 @@ def parse_response(text: str) -> Response | None:
 
 def thinks_empty(text: str) -> bool:
     """A well-formed response whose <think> block is empty: an answer given without reasoning.
-    A health signal: the format reward can teach a solver that rarely succeeds to stop thinking,
-    since an empty think is never cut off (see the README's learning curve)."""
+    A health signal: a solver that rarely succeeds can learn to stop thinking, when its few
+    rewarded answers happen to skip the reasoning (see the README's learning curve)."""
     response = parse_response(text)
     return response is not None and not response.think
 

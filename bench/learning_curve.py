@@ -130,8 +130,9 @@ def collect(args) -> dict:
     run_dir = Path(args.run_dir)
     every, end = bench_lists(args)
     benches = every + end
+    checkpoints = kept_checkpoints(run_dir, args.every)
     evals: dict[str, list] = {}
-    for checkpoint in kept_checkpoints(run_dir, args.every):
+    for checkpoint in checkpoints:
         for bench in benches:
             path = report_path(checkpoint, bench, args.limit)
             if not path.exists():
@@ -142,7 +143,6 @@ def collect(args) -> dict:
                 evals.setdefault(name, []).append({"step": step_of(checkpoint), "n": s["n"], "correct": s["correct"],
                                                    "accuracy": s["accuracy"], "interval": s["interval"],
                                                    "format_errors": s["format_errors"]})
-    checkpoints = kept_checkpoints(run_dir, args.every)
     pairs = {}
     for bench in benches:   # the base model against the last evaluated checkpoint
         done = [c for c in checkpoints if report_path(c, bench, args.limit).exists()]

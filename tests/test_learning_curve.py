@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+import learning_curve  # noqa: E402
 TINY = ["--model", "tiny", "--max-new-tokens", "8", "--batch-size", "2", "--n-inputs", "4",
         "--learnability-rollouts", "2", "--seed-buffer-size", "2", "--seed-rounds", "1", "--exec-timeout-s", "2"]
 
@@ -44,8 +46,6 @@ def test_learning_curve_trains_evaluates_every_kept_checkpoint_and_draws(tmp_pat
 
 
 def test_learning_curve_refuses_an_unknown_benchmark(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import learning_curve
     for flags, name in ((["--benches", "mmlu"], "mmlu"), (["--end-benches", "humaneval,mbpp"], "mbpp")):
         with pytest.raises(SystemExit) as stopped:            # before anything is trained or read
             learning_curve.main(["--run-dir", str(tmp_path / "run"), *flags])
@@ -54,8 +54,6 @@ def test_learning_curve_refuses_an_unknown_benchmark(tmp_path, capsys):
 
 
 def test_the_paired_test_counts_fixed_and_broken_items(tmp_path):
-    sys.path.insert(0, str(ROOT / "bench"))
-    import learning_curve
     assert learning_curve.mcnemar(0, 0) == 1.0 and learning_curve.mcnemar(3, 3) == 1.0
     assert learning_curve.mcnemar(5, 0) == 2 / 32                 # all 5 changes one way: p = 2 * 0.5^5
     assert abs(learning_curve.mcnemar(10, 3) - 0.0923) < 1e-4
