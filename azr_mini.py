@@ -272,15 +272,20 @@ def draw_solve_batch(rng: random.Random, buffer: list, newest: list, size: int) 
     return batch
 
 
+def task_from_json(task_type: str, data: dict) -> Triplet | InductionTask:
+    """A task from its JSON form (dataclasses.asdict of it), as buffers, reports and samples store it."""
+    if task_type == INDUCTION:
+        return InductionTask(data["program"], data["message"], tuple(map(tuple, data["visible"])),
+                             tuple(map(tuple, data["hidden"])))
+    return Triplet(**data)
+
+
 def buffers_to_json(buffers: Buffers) -> dict:
     return {t: [asdict(task) for task in tasks] for t, tasks in buffers.items()}
 
 
 def buffers_from_json(data: dict) -> Buffers:
-    def induction(d: dict) -> InductionTask:
-        return InductionTask(d["program"], d["message"], tuple(map(tuple, d["visible"])),
-                             tuple(map(tuple, d["hidden"])))
-    return {t: [induction(d) if t == INDUCTION else Triplet(**d) for d in data[t]] for t in TASK_TYPES}
+    return {t: [task_from_json(t, d) for d in data[t]] for t in TASK_TYPES}
 
 
 # ==================================================================================================

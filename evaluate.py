@@ -49,8 +49,7 @@ from pathlib import Path
 import azr_mini
 from executor import Executor
 from prompts import (ABDUCTION, DEDUCTION, INDUCTION, SEED_TRIPLET, STOP, TASK_TYPES, THINK_PREFILL, Chat,
-                     InductionTask, Triplet, parse_solution, solve_abduction, solve_code, solve_deduction,
-                     solve_induction, solve_math)
+                     Triplet, parse_solution, solve_code, solve_math)
 from rewards import grade
 
 ROOT = Path(__file__).resolve().parent
@@ -125,7 +124,7 @@ def load_cruxeval(path: Path, limit: int | None, kind: str) -> list[Item]:
     items = []
     for k, row in enumerate(rows[:limit]):
         task = Triplet(row["code"], row["input"], row["output"])
-        prompt = solve_deduction(task) if kind == DEDUCTION else solve_abduction(task)
+        prompt = azr_mini.SOLVER_TEMPLATES[kind](task)
         items.append(Item(row.get("id", f"cruxeval/{k}"), kind, prompt, task))
     return items
 
@@ -175,11 +174,10 @@ def load_selfplay(path: Path, limit: int | None) -> list[Item]:
         if kind not in TASK_TYPES:
             raise SystemExit(f"error: {path} line {k + 1}: unknown task_type {kind!r}")
         try:
-            task = azr_mini.buffers_from_json({t: [] for t in TASK_TYPES} | {kind: [row["task"]]})[kind][0]
+            task = azr_mini.task_from_json(kind, row["task"])
         except (TypeError, KeyError, ValueError) as error:
             raise SystemExit(f"error: {path} line {k + 1}: not a {kind} task ({error})") from None
-        template = {DEDUCTION: solve_deduction, ABDUCTION: solve_abduction, INDUCTION: solve_induction}[kind]
-        items.append(Item(f"selfplay/{k}/{kind}", kind, template(task), task))
+        items.append(Item(f"selfplay/{k}/{kind}", kind, azr_mini.SOLVER_TEMPLATES[kind](task), task))
     return items
 
 
@@ -221,10 +219,12 @@ def read_number(answer: str) -> float | None:
     return float(found[-1]) if found else None
 
 
-def grade_outcomes(executor: Executor, items: list[Item], texts: list[str]) -> list[tuple[str | None, bool]]:
+def grade_outcomes(executor: Executor, items: list[Item], texts: list[str],
+                   parse=parse_solution) -> list[tuple[str | None, bool]]:
     """(answer, correct) per item. Executor kinds go through rewards.grade in one batch (Eq. 5);
-    HumanEval programs in one run_many; GSM8K compares numbers."""
-    answers = [parse_solution(PARSE_AS.get(item.kind, item.kind), text) for item, text in zip(items, texts)]
+    HumanEval programs in one run_many; GSM8K compares numbers. `parse` reads each answer
+    (prompts.parse_solution; bench/rescore.py passes an older version of it)."""
+    answers = [parse(PARSE_AS.get(item.kind, item.kind), text) for item, text in zip(items, texts)]
     correct = [False] * len(items)
     eq5 = [k for k, item in enumerate(items) if item.kind in TASK_TYPES]
     scores = grade(executor, [(items[k].kind, items[k].task, answers[k]) for k in eq5])
@@ -361,7 +361,7 @@ def make_selfplay(policy, executor: Executor, path: Path, per_type: int, seed: i
     for k in range(per_type):
         for t in TASK_TYPES:
             if k < len(by_type[t]):
-                lines.append(json.dumps({"task_type": t, "task": azr_mini.buffers_to_json({t: [by_type[t][k]]})[t][0]}))
+                lines.append(json.dumps({"task_type": t, "task": asdict(by_type[t][k])}))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {len(lines)} tasks to {path}: " + ", ".join(f"{t} {len(b)}" for t, b in by_type.items()))

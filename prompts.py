@@ -58,6 +58,13 @@ Where we depart from the official code (and why):
 - Format check: the official code wants "<think>...</think>" immediately followed by "<answer>";
   we only ask that a closed think block comes before the last answer block (text in between is
   ignored). Simpler to state, and it lets "the last <answer> wins" mean what it says.
+- Reading the answer, on purpose unlike the official code: the LAST message block counts (theirs:
+  the first); empty input blocks are dropped before the N inputs are counted; text between and
+  around the fenced blocks is ignored; the plain forms of a deduction/abduction answer ("The
+  output is X", "<output>X</output>", "# Output: X") are read only when they are the whole answer
+  (theirs are searched for anywhere, which misreads "the output is x" in a sentence and `output(1)`).
+  As in the official code, a tagged block always wins over an untagged one (parse_solution and
+  parse_proposal state the rules).
 - The official code renames the first function to `f` and strips comments, prints and code after
   the return; we do none of that: the program must define `f` itself, and the executor runs what
   the model wrote.
@@ -428,8 +435,15 @@ def solve_math(question: str) -> Chat:
 # ------------------------------------------------------------------------------------------------
 # Parsing. Every function below returns None on a format error and never raises.
 
-_CODE_TAGS = ("python", "py", "")  # an untagged fence counts as code
+_CODE_TAGS = ("python", "py")  # a fence tagged as code
+_UNTAGGED = ""
 _MAX_TAG = 16  # a fence tag is a short word; longer runs of letters are body text
+# Plainly stated answers, read only when one is the WHOLE answer (any letter case, no fences), as
+# (opening, closing) around the value. The first pair drops a sentence's final period.
+_STATED = {
+    DEDUCTION: (("the output is", "."), ("the output is", ""), ("<output>", "</output>"), ("# output:", "")),
+    ABDUCTION: (("the input is", "."), ("the input is", ""), ("<input>", "</input>"), ("# input:", "")),
+}
 
 
 def parse_response(text: str) -> Response | None:
@@ -491,21 +505,48 @@ def _last(blocks: list[tuple[str, str]], tags: Sequence[str]) -> str | None:
     return None
 
 
+def _program(blocks: list[tuple[str, str]], untagged_needs_f: bool) -> str | None:
+    """The last block tagged as code; with none tagged, the last untagged block (that defines `f`,
+    if asked: an untagged fence after a proposer's code often holds an example call or a value)."""
+    body = _last(blocks, _CODE_TAGS)
+    if body is None:
+        untagged = [b for tag, b in blocks if tag == _UNTAGGED and ("def f(" in b or not untagged_needs_f)]
+        body = untagged[-1] if untagged else None
+    return None if body is None else _code(body)
+
+
+def _stated_value(task_type: str, answer: str) -> str:
+    """The value of a plainly stated answer ("The output is 3.", "<output>3</output>", "# Output: 3"),
+    or the answer itself when it is not one of these forms as a whole."""
+    lowered = answer.lower()
+    for opening, closing in _STATED[task_type]:
+        if lowered.startswith(opening) and lowered.endswith(closing) and len(answer) > len(opening) + len(closing):
+            value = answer[len(opening) : len(answer) - len(closing)].strip()
+            if value:
+                return value
+    return answer
+
+
 def parse_proposal(text: str) -> Proposal | None:
-    """Deduction/abduction proposer: the last python block and the last input block of the answer."""
+    """Deduction/abduction proposer: a program and one input, from the answer's fenced blocks.
+
+    The program is the last block tagged python (or py); with none tagged, the last untagged block
+    that defines `f` (an untagged block after the code that holds an expected output or a call is
+    not the program). The input is the last block tagged input. Either missing or empty: None.
+    """
     resp = parse_response(text)
     if resp is None:
         return None
     blocks = fenced_blocks(resp.answer)
-    program, inp = _last(blocks, _CODE_TAGS), _last(blocks, ("input",))
-    if program is None or inp is None or not _code(program) or not inp.strip():
+    program, inp = _program(blocks, untagged_needs_f=True), _last(blocks, ("input",))
+    if not program or inp is None or not inp.strip():
         return None
-    return Proposal(program=_code(program), input=inp.strip())
+    return Proposal(program=program, input=inp.strip())
 
 
 def parse_induction_proposal(text: str, n_inputs: int = N_INPUTS) -> InductionProposal | None:
-    """Induction proposer: at least n_inputs input blocks (the last n_inputs are kept, as in the
-    official code) and a message block (the last one)."""
+    """Induction proposer: at least n_inputs non-empty input blocks (the last n_inputs are kept, as
+    in the official code; empty ones are dropped) and a message block (the last non-empty one)."""
     resp = parse_response(text)
     if resp is None:
         return None
@@ -518,27 +559,35 @@ def parse_induction_proposal(text: str, n_inputs: int = N_INPUTS) -> InductionPr
 
 
 def parse_solution(task_type: str, text: str) -> str | None:
-    """Solver: the answer text to grade, or None on a format error.
+    """Solver: the answer text to grade, or None on a format error. A tagged block always wins over
+    untagged ones, whatever their order; text around the blocks is ignored.
 
-    induction: the last python block (or untagged block). deduction / abduction: the last block
-    tagged output / input (an untagged block also counts); an answer with no fences at all is read
-    as the value itself (`<answer>42</answer>`), as the official code falls back to the whole answer.
+    induction: the last block tagged python (or py); with none tagged, the last untagged block.
+    deduction / abduction, the first rule that applies:
+      1. the last block tagged output (deduction) / input (abduction);
+      2. else the last untagged block, or block tagged as code (a value in a python fence);
+      3. else, if the answer has no fences at all: the value of a plainly stated answer, when the
+         whole answer is "The output is X" (the period after X dropped), "<output>X</output>" or
+         "# Output: X" (input for abduction; any letter case), and otherwise the answer itself,
+         as in `<answer>42</answer>`. The official code tries similar phrasings unanchored, in
+         the middle of any text, and falls back to the whole answer last;
+      4. else (only blocks of other tags): None.
+    An empty value is None.
     """
     resp = parse_response(text)
     if resp is None:
         return None
     blocks = fenced_blocks(resp.answer)
     if task_type == INDUCTION:
-        body = _last(blocks, _CODE_TAGS)
-        body = None if body is None else _code(body)
-    elif task_type in (DEDUCTION, ABDUCTION):
-        body = _last(blocks, ("output" if task_type == DEDUCTION else "input", ""))
-        if body is None and "```" not in resp.answer:
-            body = resp.answer
-        body = None if body is None else body.strip()
-    else:
+        return _program(blocks, untagged_needs_f=False) or None
+    if task_type not in (DEDUCTION, ABDUCTION):
         return None
-    return body or None
+    body = _last(blocks, ("output" if task_type == DEDUCTION else "input",))
+    if body is None:
+        body = _last(blocks, (_UNTAGGED, *_CODE_TAGS))
+    if body is None and "```" not in resp.answer:
+        body = _stated_value(task_type, resp.answer)
+    return None if body is None else body.strip() or None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -193,7 +194,8 @@ def measure(policy, executor, module, task_type, role, n, cfg, refs, crux, seed)
     }
     samples = [{"row": row["row"], "prompt": e.request.prompt.user, "completion": prompts.THINK_PREFILL + e.text,
                 "well_formed": e.parsed is not None, "valid": e.valid, "copy": e.copy, "r_role": e.r_role,
-                "truncated": e.truncated} for e in episodes]
+                "truncated": e.truncated, "task_type": task_type, "role": role,
+                "task": None if e.request.task is None else asdict(e.request.task)} for e in episodes]
     return row, samples
 
 

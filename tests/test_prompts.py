@@ -186,9 +186,19 @@ def test_fenced_blocks():
 def test_parse_proposal():
     prog = "def f(a):\n    return a[::-1]"
     assert parse_proposal(respond(block("python", prog), block("input", "'abc'"))) == Proposal(prog, "'abc'")
-    # untagged code fence, indented block, last block wins
-    text = respond(block("python", "def f(a): return 0"), block("", "  def f(a):\n      return 1"), block("input", "1"), block("input", "2"))
+    # an untagged, indented code block counts when no block is tagged python; the last input wins
+    text = respond(block("", "  def f(a):\n      return 1"), block("input", "1"), block("input", "2"))
     assert parse_proposal(text) == Proposal("def f(a):\n    return 1", "2")
+    # a tagged python block wins over an untagged one, in either order
+    for blocks in [(block("python", prog), block("", "def f(a): return 0")),
+                   (block("", "def f(a): return 0"), block("python", prog))]:
+        assert parse_proposal(respond(*blocks, block("input", "1"))) == Proposal(prog, "1")
+    # python and input blocks, then an untagged fence holding the expected output: not the program
+    assert parse_proposal(respond(block("python", prog), block("input", "'abc'"), block("", "'cba'"))) == Proposal(prog, "'abc'")
+    assert parse_proposal(respond(block("", "def f(a): return a"), block("input", "6"), block("", "6"))) == Proposal("def f(a): return a", "6")
+    assert parse_proposal(respond(block("input", "6"), block("", "6"))) is None  # no block defines f
+    # text around and between the blocks is ignored
+    assert parse_proposal(respond("Here:", block("python", prog), "and", block("input", "1"), "done")) == Proposal(prog, "1")
     # blocks outside the answer do not count
     assert parse_proposal(respond(block("input", "1"), think=block("python", prog))) is None
     assert parse_proposal(respond(block("python", prog))) is None  # no input
@@ -210,16 +220,50 @@ def test_parse_induction_proposal():
 def test_parse_solution():
     assert parse_solution(DEDUCTION, respond(block("output", "[3, 6]"))) == "[3, 6]"
     assert parse_solution(DEDUCTION, respond(block("", "[3, 6]"))) == "[3, 6]"  # untagged fence
+    assert parse_solution(DEDUCTION, respond(block("python", "[3, 6]"))) == "[3, 6]"  # a value in a python fence
     assert parse_solution(DEDUCTION, " t </think><answer> 42 </answer>") == "42"  # bare answer
+    assert parse_solution(DEDUCTION, " t </think><answer> 42 </answer> and then more text") == "42"
     assert parse_solution(DEDUCTION, respond(block("input", "1"))) is None  # fenced, but no output
     assert parse_solution(DEDUCTION, respond("")) is None  # empty answer
+    assert parse_solution(DEDUCTION, respond(block("output", "  "))) is None  # empty block
     assert parse_solution(ABDUCTION, respond(block("input", "[1, 2], 3"))) == "[1, 2], 3"
     assert parse_solution(ABDUCTION, respond(block("output", "[3, 6]"))) is None
     prog = "def f(x):\n    return x"
     assert parse_solution(INDUCTION, respond(block("python", prog))) == prog
+    assert parse_solution(INDUCTION, respond(block("", prog))) == prog  # untagged, none tagged
     assert parse_solution(INDUCTION, respond("def f(x): return x")) is None  # code must be fenced
     assert parse_solution(INDUCTION, respond(block("python", "\n  \n"))) is None
     assert parse_solution("nonsense", respond(block("output", "1"))) is None
+
+
+def test_a_tagged_block_is_never_overridden_by_an_untagged_one():
+    for after in ("because 1 + 2", "f(1, 2) == 3", "3"):
+        assert parse_solution(DEDUCTION, respond(block("output", "3"), block("", after))) == "3"
+        assert parse_solution(DEDUCTION, respond(block("", after), block("output", "3"))) == "3"
+        assert parse_solution(ABDUCTION, respond(block("input", "1, 2"), block("", after))) == "1, 2"
+    prog = "def f(x):\n    return x"
+    assert parse_solution(INDUCTION, respond(block("python", prog), block("", "f(2)"))) == prog
+    assert parse_solution(INDUCTION, respond(block("py", prog), block("", "def f(x): return 0"))) == prog
+
+
+def test_plainly_stated_answers_count_only_as_the_whole_answer():
+    stated = {
+        DEDUCTION: ["The output is 3.", "the output is 3", "THE OUTPUT IS 3", "<output>3</output>",
+                    "# Output: 3", "# output:3"],
+        ABDUCTION: ["The input is 3.", "<input>3</input>", "# Input: 3"],
+    }
+    for task_type, answers in stated.items():
+        for answer in answers:
+            assert parse_solution(task_type, respond(answer)) == "3", (task_type, answer)
+    assert parse_solution(DEDUCTION, respond("The output is [1, 'a.'].")) == "[1, 'a.']"
+    assert parse_solution(ABDUCTION, respond("The input is [1, 2], 'x'.")) == "[1, 2], 'x'"
+    # anchored: anything else is read as the answer itself, as before (and graded wrong)
+    for answer in ("So the output is 3.", "output(1)", "The output is", "<output></output>", "3 # Output: 3"):
+        assert parse_solution(DEDUCTION, respond(answer)) == answer, answer
+    assert parse_solution(ABDUCTION, respond("The output is 3")) == "The output is 3"  # the other kind
+    assert parse_solution(DEDUCTION, respond("The input is 3")) == "The input is 3"
+    # a fenced answer is read from its blocks only
+    assert parse_solution(DEDUCTION, respond("The output is 3.", block("output", "4"))) == "4"
 
 
 # ------------------------------------------------------------------------------------------------
