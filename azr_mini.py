@@ -57,9 +57,12 @@ from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_p
 from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, SEED_TRIPLET,
                      SOLVE, STOP, TASK_TYPES, THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs,
                      parse_induction_proposal, parse_proposal, parse_solution, propose_abduction, propose_deduction,
-                     propose_induction, solve_abduction, solve_deduction, solve_induction, thinks_empty)
+                     propose_induction, reuses_example, solve_abduction, solve_deduction, solve_induction,
+                     thinks_empty)
 from rewards import (OFFICIAL, PAPER, check_induction_proposals, check_proposals, composite_reward,
                      grade, is_copy, normalized, r_propose, trr_advantages)
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")  # trr_update, --loss-agg
 
 # ==================================================================================================
 # Configuration: one dataclass, every field a command-line flag
@@ -120,6 +123,14 @@ class Config:
     # --- update (TRR++) ---
     lr: float = flag(5e-5, "AdamW learning rate, constant (LoRA wants 1e-5 to 1e-4)")
     solver_weight: float = flag(1.0, "lambda in J = E[r_propose] + lambda E[r_solve] (paper: 1)")
+    loss_agg: str = flag("token-mean", "how token losses add up (trr_update): 'token-mean' (the authors' code: every "
+                         "trained token of the step weighs the same), 'seq-mean-token-mean' (each response "
+                         "averaged over its own length, then over responses: the paper's formula, short "
+                         "responses weigh more per token), 'seq-mean-token-sum-norm' (Dr. GRPO: token sums over "
+                         "responses x max_new_tokens)", choices=LOSS_AGG_MODES)
+    train_rollouts: bool = flag(False, "also train the solver on the learnability rollouts (graded for Eq. 4 "
+                                "anyway; the paper only grades them): more solver signal per step at no "
+                                "sampling cost")
     update_epochs: int = flag(1, "passes of the update over each step's samples (paper: 1, where the PPO "
                               "ratio is 1 and the clip never binds; with more, both work)")
     clip_eps: float = flag(0.2, "PPO clip range: binds only from the second update epoch on")
@@ -493,7 +504,7 @@ def seed_buffers(policy: Policy, executor: Executor, rng: random.Random, cfg: Co
 
 def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: random.Random, cfg: Config,
                    timer: Timer) -> tuple[list[Episode], list[Episode], dict[str, list]]:
-    """Returns (episodes to train on, learnability rollouts, the new valid tasks per type).
+    """Returns (episodes to train on, learnability rollouts not trained on, the new valid tasks per type).
     The buffers are not changed here: the caller adds the new tasks once the step is done."""
     # 1. PROPOSE, and validate each proposal in the executor.
     proposals = sample(policy, proposer_requests(buffers, rng, cfg, "propose"), cfg, timer, desc="propose")
@@ -529,12 +540,13 @@ def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: ra
     for a in answers:
         a.reward = composite_reward(SOLVE, a.parsed is not None, a.r_role)
 
-    # 4. ADVANTAGES (Eq. 8): one baseline per (task type, role), over this step's responses.
-    episodes = proposals + solves
+    # 4. ADVANTAGES (Eq. 8): one baseline per (task type, role), over the responses trained on. With
+    #    --train-rollouts the learnability rollouts join their type's solver group (not in the paper).
+    episodes = proposals + solves + (rollouts if cfg.train_rollouts else [])
     advantages = trr_advantages([(e.request.task_type, e.request.role, e.reward) for e in episodes])
     for e, advantage in zip(episodes, advantages):
         e.advantage = advantage
-    return episodes, rollouts, new_tasks
+    return episodes, ([] if cfg.train_rollouts else rollouts), new_tasks
 
 
 # ==================================================================================================
@@ -542,26 +554,53 @@ def self_play_step(policy: Policy, executor: Executor, buffers: Buffers, rng: ra
 # ==================================================================================================
 
 
+def token_weights(lengths: list[int], mode: str, max_new_tokens: int) -> list[float]:
+    """The weight of every token of response i in the step's loss, for each response, by --loss-agg.
+    `lengths` are |y_i| for ALL N responses of the step (zero-advantage ones count in the
+    denominators, though their gradient is zero):
+
+        token-mean               1 / sum_j |y_j|        every token of the step weighs the same
+        seq-mean-token-mean      1 / (N |y_i|)          a response weighs 1/N whatever its length
+        seq-mean-token-sum-norm  1 / (N L_max)          Dr. GRPO: a constant, L_max = max_new_tokens
+    """
+    n = max(1, len(lengths))
+    if mode == "token-mean":
+        return [1.0 / max(1, sum(lengths))] * len(lengths)
+    if mode == "seq-mean-token-mean":
+        return [1.0 / (n * max(1, length)) for length in lengths]
+    if mode == "seq-mean-token-sum-norm":
+        return [1.0 / (n * max_new_tokens)] * len(lengths)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
 def trr_update(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[Episode], cfg: Config) -> dict:
     """The policy-gradient update on the step's episodes. It leaves the last epoch's gradients for
     the caller to apply (optimizer.step() belongs to the step's commit, see train).
 
-    Per response i with advantage A_i (Eq. 8) and tokens t = 1..|y_i|:
+    Per response i with advantage A_i (Eq. 8), role weight lambda_i (1 for proposers, lambda for
+    solvers) and tokens t = 1..|y_i|:
 
         rho_t = pi_theta(y_t | x, y_<t) / pi_theta_old(y_t | x, y_<t)
-        L_i   = -(1 / |y_i|) sum_t min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i)
-        L     = (1 / N) [ sum_{i in proposer} L_i + lambda sum_{i in solver} L_i ]
+        s_it  = min(rho_t A_i, clip(rho_t, 1 - eps, 1 + eps) A_i)
+        L     = - sum_i sum_t  lambda_i  c_i  s_it
+
+    where c_i, the weight of a token of response i, is set by --loss-agg (token_weights):
+    token-mean (default, as the authors' code: c_i = 1 / sum_j |y_j|), seq-mean-token-mean (the
+    paper's formula: c_i = 1 / (N |y_i|)) or Dr. GRPO's constant 1 / (N L_max). With
+    seq-mean-token-mean each token of a short response pushes harder than a token of a long one, and
+    the penalty of a long wrong response is spread thin: a bias towards short rewarded answers
+    (Dr. GRPO, arXiv 2503.20783), which our solver showed by answering without reasoning.
 
     With one epoch (the paper's) the samples are fresh and we take one gradient step on them, so
     pi_theta_old = pi_theta: rho = 1, the clip never binds, and the gradient is plain REINFORCE,
-    A_i * grad log pi. With --update-epochs E > 1, epochs 1..E-1 each end in an optimizer step here,
-    the policy moves away from the one that sampled, and rho and the clip do their work against the
-    log-probs of the first epoch (pi_theta_old). A response with A_i = 0 has a zero gradient, so it
-    is skipped; it still counts in N.
+    lambda_i c_i A_i grad log pi. With --update-epochs E > 1, epochs 1..E-1 each end in an optimizer
+    step here, the policy moves away from the one that sampled, and rho and the clip do their work
+    against the log-probs of the first epoch (pi_theta_old). A response with A_i = 0 has a zero
+    gradient, so it is skipped; it still counts in the denominators.
     """
-    trained = [e for e in episodes if e.advantage != 0.0 and e.completion_ids]
-    n = max(1, len(episodes))
-    batches = length_sorted_batches([len(e.prompt_ids) + len(e.completion_ids) for e in trained], cfg.micro_batch)
+    weights = token_weights([len(e.completion_ids) for e in episodes], cfg.loss_agg, cfg.max_new_tokens)
+    trained = [(e, c) for e, c in zip(episodes, weights) if e.advantage != 0.0 and e.completion_ids]
+    batches = length_sorted_batches([len(e.prompt_ids) + len(e.completion_ids) for e, _ in trained], cfg.micro_batch)
     old: list[torch.Tensor] = []                # log pi_theta_old per micro-batch, from the first epoch
     for epoch in range(cfg.update_epochs):
         if epoch > 0:                           # apply the previous epoch; the caller applies the last
@@ -570,20 +609,19 @@ def trr_update(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[
         total_loss, clipped, tokens = 0.0, 0.0, 0.0
         for k, batch in enumerate(tqdm(batches, desc="update", unit="batch", leave=False, dynamic_ncols=True,
                                        disable=not trained)):
-            group = [trained[i] for i in batch]
+            group = [trained[i][0] for i in batch]
             logp, mask = policy.token_logprobs([e.prompt_ids for e in group], [e.completion_ids for e in group])
             mask = mask.float()                                                 # [b, T]
             if epoch == 0:
                 old.append(logp.detach())                                       # [b, T] the sampling policy
             ratio = torch.exp(logp - old[k])                                    # [b, T] == 1 in epoch 0
             adv = torch.tensor([e.advantage for e in group], device=logp.device)[:, None]      # [b, 1]
-            weight = torch.tensor([cfg.solver_weight if e.request.role == SOLVE else 1.0 for e in group],
-                                  device=logp.device)                           # [b]
+            weight = torch.tensor([(cfg.solver_weight if trained[i][0].request.role == SOLVE else 1.0) * trained[i][1]
+                                   for i in batch], device=logp.device)         # [b] lambda_i c_i
             unclipped = ratio * adv
             clipped_term = ratio.clamp(1 - cfg.clip_eps, 1 + cfg.clip_eps) * adv
-            surrogate = torch.minimum(unclipped, clipped_term)                  # [b, T]
-            per_sequence = -(surrogate * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # [b] token mean
-            loss = (weight * per_sequence).sum() / n                            # scalar
+            surrogate = torch.minimum(unclipped, clipped_term)                  # [b, T] s_it
+            loss = -(weight * (surrogate * mask).sum(-1)).sum()                 # scalar: this batch's share of L
             loss.backward()                                                     # accumulate gradients
             total_loss += loss.item()
             clipped += ((clipped_term < unclipped).float() * mask).sum().item()  # the clip binds: no gradient
@@ -617,6 +655,11 @@ def mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def proposal_texts(e: Episode) -> tuple[str, ...]:
+    """What a parsed proposal wrote: program and input, or the induction inputs."""
+    return e.parsed.inputs if e.request.task_type == INDUCTION else (e.parsed.program, e.parsed.input)
+
+
 def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], buffers: Buffers,
                  executor_calls: int, statuses: Counter, timer: Timer, update: dict) -> dict:
     """The health signals of a step, flat, for metrics.jsonl."""
@@ -624,7 +667,8 @@ def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], bu
     m: dict = {"step": step}
     for t in TASK_TYPES:
         proposals = [e for e in episodes if e.request.task_type == t and e.request.role == PROPOSE]
-        solves = [e for e in episodes if e.request.task_type == t and e.request.role == SOLVE]
+        trained_solves = [e for e in episodes if e.request.task_type == t and e.request.role == SOLVE]
+        solves = [e for e in trained_solves if e.request.phase == "solve"]   # the solve batch (buffer tasks)
         m[f"reward/{t}/propose"] = mean(e.reward for e in proposals)
         m[f"reward/{t}/solve"] = mean(e.reward for e in solves)
         m[f"valid_proposals/{t}"] = mean(e.valid for e in proposals)
@@ -635,9 +679,22 @@ def step_metrics(step: int, episodes: list[Episode], rollouts: list[Episode], bu
         m[f"empty_think/{t}"] = mean(thinks_empty(e.text) for e in everything
                                      if e.request.task_type == t and e.request.role == SOLVE)
         m[f"buffer/{t}"] = len(buffers[t])
+        m[f"trained/{t}/propose"] = sum(e.advantage != 0.0 for e in proposals)   # responses with a gradient
+        m[f"trained/{t}/solve"] = sum(e.advantage != 0.0 for e in trained_solves)
+        m[f"distinct_programs/{t}"] = len({task.program for task in buffers[t]})
     proposals = [e for e in episodes if e.request.role == PROPOSE]
     m["valid_proposals"] = mean(e.valid for e in proposals)
     m["copies"] = mean(e.copy for e in proposals)
+    # Is the pool still diverse? New tasks that borrow the worked example's signature or words, and
+    # solve-batch tasks drawn twice in one step (a small buffer hands out the same few tasks).
+    m["example_reuse"] = mean(reuses_example(*proposal_texts(e)) for e in proposals if e.valid)
+    seen, repeats = set(), []
+    for e in episodes:
+        if e.request.phase == "solve":
+            key = (e.request.task_type, task_key(e.request.task))
+            repeats.append(key in seen)
+            seen.add(key)
+    m["solve_repeats"] = mean(repeats)
     m["learnability"] = mean(e.r_role for e in proposals if e.valid)
     m["format_errors"] = mean(e.parsed is None for e in everything)
     m["truncated"] = mean(e.truncated for e in everything)

@@ -177,6 +177,10 @@ SYSTEM = (
 )
 
 ARGS_RULE = "The input is the argument list of one call, as Python literals: `[1, 2], 'ab'` means f([1, 2], 'ab')."
+# The solvers' version has no literal in it: after an empty <think>, a literal of the instructions
+# became the trained model's default guess (40 of 64 CRUXEval-I answers at step 30 were `[1, 2], 'ab'`).
+CALL_RULE = ("An input is written as the arguments stand between the parentheses of a call f(...): Python "
+             "literals, separated by commas when f takes more than one.")
 # A short list the proposer may import (the executor allows all of ALLOWED_MODULES and refuses the rest).
 PROMPT_MODULES = ("math", "itertools", "collections", "functools", "string", "re", "heapq", "bisect")
 MODULES_RULE = "it imports nothing, or only " + ", ".join(PROMPT_MODULES)
@@ -209,6 +213,9 @@ EXAMPLE_REFERENCE = Triplet("def f(x):\n    return x * 2", "21", "42")
 # Everything a proposer's prompt shows as a program besides its buffer's tasks: a proposal that
 # repeats one of these is a copy (azr_mini.known_proposals).
 EXAMPLE_PROGRAMS = (EXAMPLE_PROGRAM, EXAMPLE_REFERENCE.program)
+# What a task borrows from the proposers' worked example when it is not a copy: its signature, the
+# words of its input. A diversity signal (azr_mini.step_metrics, example_reuse), not a rule.
+EXAMPLE_MARKS = ("f(words, n)", "'apple'", "'apricot'", "'banana'")
 EXAMPLE_MESSAGE = "Counts the words by their first n letters; returns (prefix, count) pairs sorted by prefix."
 
 # The solvers' worked example: one task seen three ways.
@@ -293,14 +300,14 @@ def _abduction_request(task: Triplet) -> str:
     return (
         "Find an input for which this Python function returns the given output.\n\n"
         f"{_block('python', task.program)}\n{_block('output', task.output)}\n\n"
-        f"Any input that gives this output is correct. {ARGS_RULE} " + _reply("Reason", "write only the input")
+        f"Any input that gives this output is correct. {CALL_RULE} " + _reply("Reason", "write only the input")
     )
 
 
 def _induction_solve_request(task: InductionTask) -> str:
     pairs = "\n\n".join(f"{_block('input', i)}\n{_block('output', o)}" for i, o in task.visible)
     return (
-        f"Write the Python function `f` that produced these outputs from these inputs. {ARGS_RULE}\n\n"
+        f"Write the Python function `f` that produced these outputs from these inputs. {CALL_RULE}\n\n"
         f"Hint from the author: {task.message}\n\n{pairs}\n\n"
         "Your function is checked on other inputs of the same kind, so write the general rule, not "
         "a lookup table. " + _reply("Reason", "give the function in one python block")
@@ -309,6 +316,13 @@ def _induction_solve_request(task: InductionTask) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # The worked examples: one (request, complete response) turn per kind of prompt
+
+
+def reuses_example(*texts: str) -> bool:
+    """Whether a proposal's program or inputs carry a mark of the proposers' worked example
+    (EXAMPLE_MARKS, up to the quotes used)."""
+    text = " ".join(texts).replace('"', "'")
+    return any(mark in text for mark in EXAMPLE_MARKS)
 
 
 def example_induction_inputs(n_inputs: int) -> tuple[str, ...]:

@@ -126,8 +126,9 @@ def load_prompts_at(rev: str):
 
 
 def as_chat(prompt) -> Chat:
-    """Older prompts.py versions returned the user message alone."""
-    return prompt if isinstance(prompt, Chat) else Chat(user=prompt)
+    """Older prompts.py versions returned the user message alone; newer ones a Chat (of that version's
+    own class, hence the duck test)."""
+    return prompt if hasattr(prompt, "messages") else Chat(user=prompt)
 
 
 def requests_for(module, task_type: str, role: str, n: int, cfg, pool, induction, crux, seed: int):

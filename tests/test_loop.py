@@ -49,8 +49,9 @@ class ScriptedPolicy:
         return [self.param]
 
 
-def scripted_step(rule: str):
-    cfg = Config(model="tiny", batch_size=2, learnability_rollouts=2, n_inputs=4, reward_rule=rule)
+def scripted_step(rule: str, train_rollouts: bool = False):
+    cfg = Config(model="tiny", batch_size=2, learnability_rollouts=2, n_inputs=4, reward_rule=rule,
+                 train_rollouts=train_rollouts)
     induction_seed = InductionTask("def f(a):\n    return a * 2", "doubles", (("1", "2"), ("3", "6")),
                                    (("5", "10"), ("0", "0")))
     buffers = {DEDUCTION: [SEED_TRIPLET], ABDUCTION: [SEED_TRIPLET], INDUCTION: [induction_seed]}
@@ -109,8 +110,10 @@ def test_scripted_policy_drives_every_branch(rule, trivial_reward):
     # the monitor flags the alarming chain of thought
     assert [e.flags for e in episodes if e.flags] == [["outsmart"]]
 
-    # what reaches the loss: dL/dlogp_t = -w_i A_i / (N |y_i|) on each real token, w = lambda for solvers
+    # what reaches the loss (token-mean): dL/dlogp_t = -w_i A_i / sum_j |y_j| on each real token,
+    # w = lambda for solvers
     cfg.solver_weight = 0.5
+    all_tokens = sum(len(e.completion_ids) for e in episodes)
     update = trr_update(policy, torch.optim.AdamW(policy.trainable_parameters()), episodes, cfg)
     assert update["trained_sequences"] == len(episodes)
     by_ids = {tuple(e.completion_ids): e for e in episodes}
@@ -118,9 +121,35 @@ def test_scripted_policy_drives_every_branch(rule, trivial_reward):
         for row, ids in enumerate(completions):
             e = by_ids[tuple(ids)]
             w = cfg.solver_weight if e.request.role == SOLVE else 1.0
-            want = -w * e.advantage / (len(episodes) * len(ids))
+            want = -w * e.advantage / all_tokens
             assert torch.allclose(logp.grad[row, : len(ids)], torch.full((len(ids),), want), atol=1e-7)
             assert torch.all(logp.grad[row, len(ids):] == 0)
+
+
+def test_training_on_the_learnability_rollouts():
+    """--train-rollouts: the rollouts join their type's solver group (rewards as graded for Eq. 4,
+    advantages over the whole group), the proposers' rewards do not change, and the metrics count
+    the trained responses per (type, role)."""
+    _, _, plain, plain_rollouts, _ = scripted_step("paper")
+    cfg, _, episodes, rollouts, _ = scripted_step("paper", train_rollouts=True)
+    assert rollouts == []                                          # nothing left untrained
+    trained_rollouts = [e for e in episodes if e.request.phase == "learnability"]
+    assert [e.text for e in trained_rollouts] == [e.text for e in plain_rollouts]
+    assert [e.reward for e in trained_rollouts] == [1.0, -0.5, 1.0, -0.5, 1.0, 1.0]
+    solvers = [e for e in episodes if e.request.role == SOLVE and e.request.task_type == DEDUCTION]
+    assert [e.reward for e in solvers] == [1.0, -1.0, 1.0, -0.5]   # solve batch, then the rollouts
+    assert [e.advantage for e in episodes] == trr_advantages(
+        [(e.request.task_type, e.request.role, e.reward) for e in episodes])
+    assert [e.reward for e in episodes if e.request.role == PROPOSE] == \
+        [e.reward for e in plain if e.request.role == PROPOSE]
+    m = azr_mini.step_metrics(1, episodes, rollouts, {t: [] for t in (DEDUCTION, ABDUCTION, INDUCTION)}, 0,
+                              azr_mini.Counter(), azr_mini.Timer(), {})
+    assert m["trained/deduction/solve"] == 4 and m["trained/induction/solve"] == 4   # 2 + 2 rollouts
+    assert m["trained/deduction/propose"] == 2
+    assert m["accuracy/deduction"] == 0.5                           # the solve batch alone, as before
+    # the pool's diversity signals: no valid proposal borrows the worked example; new tasks first, so
+    # each type's two solve tasks are different
+    assert m["example_reuse"] == 0.0 and m["solve_repeats"] == 0.0
 
 
 def test_zero_advantages_are_not_trained():
@@ -130,6 +159,29 @@ def test_zero_advantages_are_not_trained():
                 Episode(req, [1], [7], "y", False, advantage=1.0)]
     update = trr_update(policy, None, episodes, Config(model="tiny"))
     assert update["trained_sequences"] == 1 and policy.logprob_calls[0][1] == [[7]]
+
+
+@pytest.mark.parametrize("mode,weights", [
+    ("token-mean", (1 / 12, 1 / 12)),                      # every token of the step: 2 + 6 + 4 = 12
+    ("seq-mean-token-mean", (1 / (3 * 2), 1 / (3 * 6))),   # 1 / (N |y_i|): the short answer's tokens x3
+    ("seq-mean-token-sum-norm", (1 / (3 * 8), 1 / (3 * 8))),  # 1 / (N L_max), L_max = max_new_tokens = 8
+])
+def test_loss_aggregation_sets_the_weight_of_every_token(mode, weights):
+    """Two responses of different lengths (2 and 6 tokens) and a zero-advantage one (4 tokens, in the
+    denominators only): dL/dlogp_t = -A_i c_i on each token of response i."""
+    policy = ScriptedPolicy({})
+    req = azr_mini.Request(DEDUCTION, SOLVE, "p", "solve")
+    episodes = [Episode(req, [1], [5, 6], "short", False, advantage=1.0),
+                Episode(req, [1], [7, 8, 9, 10, 11, 12], "long", False, advantage=-0.5),
+                Episode(req, [1], [13, 14, 15, 16], "none", False, advantage=0.0)]
+    cfg = Config(model="tiny", loss_agg=mode, max_new_tokens=8)
+    trr_update(policy, None, episodes, cfg)
+    [(logp, completions)] = policy.logprob_calls       # one micro-batch: the two trained responses
+    by_first = {ids[0]: row for row, ids in enumerate(completions)}
+    short, long = logp.grad[by_first[5], :2], logp.grad[by_first[7], :6]
+    assert torch.allclose(short, torch.full((2,), -1.0 * weights[0]))
+    assert torch.allclose(long, torch.full((6,), 0.5 * weights[1]))
+    assert torch.all(logp.grad[by_first[5], 2:] == 0)   # padding gets nothing
 
 
 # --------------------------------------------------------------------------------------------------

@@ -307,7 +307,7 @@ def test_parsers_are_fast_on_megabytes():
     for text in huge:
         for parse in PARSERS:
             parse(text)
-    assert time.perf_counter() - start < 5.0
+    assert time.perf_counter() - start < 30.0   # quadratic work on these inputs would take hours
 
 
 def test_no_seeding_request_repeats_its_worked_example():
@@ -316,3 +316,18 @@ def test_no_seeding_request_repeats_its_worked_example():
     for chat in (prompts.propose_deduction([SEED_TRIPLET]), prompts.propose_abduction([SEED_TRIPLET]),
                  prompts.propose_induction(SEED_TRIPLET, 6)):
         assert chat.user != chat.examples[0][0]
+
+
+def test_reuse_of_the_worked_example_is_seen_through_its_marks():
+    assert prompts.reuses_example("def f(words, n):\n    return len(words) * n", "['kiwi'], 2")
+    assert prompts.reuses_example("def f(a):\n    return a", '["apple", "fig"]')   # either quote
+    assert not prompts.reuses_example("def f(items, k):\n    return items[:k]", "['fig'], 1")
+
+
+def test_the_solvers_instructions_hold_no_value_to_copy():
+    """After an empty <think>, a literal of the instructions became the trained solver's default guess."""
+    for chat in (prompts.solve_abduction(SAMPLE), prompts.solve_induction(six_prompts()[0])):
+        request = chat.user.replace(SAMPLE.program, "").replace(SAMPLE.output, "")
+        assert "[1, 2], 'ab'" not in request and "`" not in prompts.CALL_RULE
+        assert prompts.CALL_RULE in request
+    assert not any(ch.isdigit() or ch in "'[]" for ch in prompts.CALL_RULE)
