@@ -54,7 +54,8 @@ from tqdm import tqdm
 
 from executor import Executor
 from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
-from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, SEED_TRIPLET,
+from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, PROPOSER_EXAMPLES,
+                     SEED_TRIPLET,
                      SOLVE, STOP, TASK_TYPES, THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs,
                      parse_induction_proposal, parse_proposal, parse_solution, propose_abduction, propose_deduction,
                      propose_induction, reuses_example, solve_abduction, solve_deduction, solve_induction,
@@ -115,6 +116,8 @@ class Config:
     n_references: int = flag(2, "K: reference triplets shown to a deduction/abduction proposer (paper: 6)")
     n_inputs: int = flag(N_INPUTS, "N: inputs an induction proposer writes; half shown, half hidden (paper: 10)")
     learnability_rollouts: int = flag(4, "n: solver rollouts on each new task for Eq. 4 (paper: 8)")
+    worked_examples: int = flag(1, "proposers: each prompt shows one of the first N worked examples "
+                                f"(1-{len(PROPOSER_EXAMPLES)}), drawn at random; 1 = always the first")
     seed_buffer_size: int = flag(6, "triplets each buffer should hold before training (paper: 256)")
     seed_rounds: int = flag(4, "at most this many rounds of seeding proposals (each fills one generation batch)")
     buffer_cap: int = flag(2000, "a buffer keeps its newest N tasks")
@@ -155,6 +158,7 @@ class Config:
             "--gen-batch-size must be positive": self.gen_batch_size > 0,
             "--batch-size must be positive": self.batch_size > 0,
             "--n-references must be positive": self.n_references > 0,
+            f"--worked-examples must be in 1..{len(PROPOSER_EXAMPLES)}": 1 <= self.worked_examples <= len(PROPOSER_EXAMPLES),
             "--n-inputs must be >= 2 (half are shown, half hidden)": self.n_inputs >= 2,
             "--learnability-rollouts must be positive": self.learnability_rollouts > 0,
             "--seed-buffer-size must be positive": self.seed_buffer_size > 0,
@@ -391,27 +395,32 @@ def proposer_requests(buffers: Buffers, rng: random.Random, cfg: Config, phase: 
     """per_type (default batch_size) proposals per task type. Deduction and abduction see K references
     from their own buffer; induction writes inputs for a program drawn from D_ded and D_abd."""
     per_type = per_type or cfg.batch_size
+
+    def example() -> int:  # which worked example the prompt shows (no draw with one: same runs as before)
+        return rng.randrange(cfg.worked_examples) if cfg.worked_examples > 1 else 0
+
     requests = []
     for task_type, template in ((DEDUCTION, propose_deduction), (ABDUCTION, propose_abduction)):
         if task_type not in task_types:
             continue
         for _ in range(per_type):
             references = rng.sample(buffers[task_type], min(cfg.n_references, len(buffers[task_type])))
-            requests.append(Request(task_type, PROPOSE, template(references), phase))
+            requests.append(Request(task_type, PROPOSE, template(references, example()), phase))
     sources = buffers[DEDUCTION] + buffers[ABDUCTION]
     for _ in range(per_type if INDUCTION in task_types else 0):
         source = rng.choice(sources)
-        requests.append(Request(INDUCTION, PROPOSE, propose_induction(source, cfg.n_inputs), phase,
+        requests.append(Request(INDUCTION, PROPOSE, propose_induction(source, cfg.n_inputs, example()), phase,
                                 program=source.program))
     return requests
 
 
 def known_proposals(buffers: Buffers, request: Request, n_inputs: int) -> set:
-    """What a proposal must not repeat (rewards.is_copy). Deduction/abduction: the worked example's
-    programs and the buffer's. Induction: the worked example's inputs and the input sets of buffer
+    """What a proposal must not repeat (rewards.is_copy). Deduction/abduction: the worked examples'
+    programs and the buffer's. Induction: the worked examples' inputs and the input sets of buffer
     tasks on the same program."""
     if request.task_type == INDUCTION:
-        return {frozenset(map(normalized, example_induction_inputs(n_inputs)))} | {
+        return {frozenset(map(normalized, example_induction_inputs(n_inputs, k)))
+                for k in range(len(PROPOSER_EXAMPLES))} | {
             frozenset(normalized(i) for i, _ in task.visible + task.hidden)
             for task in buffers[INDUCTION] if task.program == request.program}
     shown = list(EXAMPLE_PROGRAMS) + [task.program for task in buffers[request.task_type]]

@@ -185,38 +185,124 @@ CALL_RULE = ("An input is written as the arguments stand between the parentheses
 PROMPT_MODULES = ("math", "itertools", "collections", "functools", "string", "re", "heapq", "bisect")
 MODULES_RULE = "it imports nothing, or only " + ", ".join(PROMPT_MODULES)
 
-# The proposers' worked example. The model copies it now and then; a copy is not a new task and
-# earns the invalid-proposal reward (rewards.py, copies).
-EXAMPLE_PROGRAM = (
-    "def f(words, n):\n    counts = {}\n    for w in words:\n"
-    "        counts[w[:n]] = counts.get(w[:n], 0) + 1\n    return sorted(counts.items())"
+@dataclass(frozen=True)
+class ProposerExample:
+    """A worked example for the three proposers: one program, seen as a deduction/abduction proposal
+    (program and input, with the reasoning that led to it) and as an induction proposal (a message
+    and inputs for it, each covering a case)."""
+
+    program: str
+    input: str
+    summary: str  # what f does, as the induction example's reasoning says it
+    message: str
+    induction_inputs: tuple[tuple[str, str], ...]  # (input, the case it covers): the first N are shown
+    think: tuple[str, str]  # the deduction proposer's reasoning, the abduction proposer's
+    marks: tuple[str, ...]  # what a task borrows from it when it is not a copy: signature, input words
+
+
+# The proposers' worked examples. The model copies them now and then; a copy is not a new task and
+# earns the invalid-proposal reward (rewards.py, copies). A prompt shows one; with one example for
+# every prompt, the trained proposer drifted towards its words and signature (README), so
+# --worked-examples N draws each prompt's example from the first N.
+PROPOSER_EXAMPLES = (
+    ProposerExample(
+        program="def f(words, n):\n    counts = {}\n    for w in words:\n"
+                "        counts[w[:n]] = counts.get(w[:n], 0) + 1\n    return sorted(counts.items())",
+        input="['apple', 'apricot', 'banana'], 2",
+        summary="f counts words by their first n letters",
+        message="Counts the words by their first n letters; returns (prefix, count) pairs sorted by prefix.",
+        induction_inputs=(
+            ("['apple', 'apricot', 'banana'], 2", "two words share a prefix"),
+            ("['cat', 'car', 'dog', 'cow'], 1", "n = 1"),
+            ("[], 3", "no words"),
+            ("['aa', 'ab', 'ba'], 2", "words as long as n"),
+            ("['x'], 5", "n longer than the word"),
+            ("['tree', 'trip', 'tram', 'toy'], 2", "three prefixes"),
+            ("['a', 'b', 'a'], 1", "a repeated word"),
+            ("['hello', 'help', 'hold'], 3", "n = 3"),
+            ("['one', 'two', 'three'], 0", "n = 0"),
+            ("['abc', 'abd'], 3", "two different prefixes"),
+            ("['sun', 'sea', 'sky', 'moon'], 1", "one prefix three times"),
+            ("['ab'], 1", "one word"),
+        ),
+        think=("The existing puzzle only doubles a number. A harder one needs a loop and a dictionary: I "
+               "will count words by their first n letters and return the sorted counts, so the solver "
+               "must track the slices, the counts and the sorting.",
+               "The existing puzzle only doubles a number, so its input is easy to recover. In mine the "
+               "output is a sorted list of (prefix, count) pairs: the solver must invent words with "
+               "those prefixes, the right number of each, and find n."),
+        marks=("f(words, n)", "'apple'", "'apricot'", "'banana'"),
+    ),
+    ProposerExample(
+        program="def f(grid):\n    total = 0\n    for r, row in enumerate(grid):\n"
+                "        for c, v in enumerate(row):\n            if (r + c) % 2 == 0:\n"
+                "                total += v\n    return total",
+        input="[[1, 2, 3], [4, 5, 6]]",
+        summary="f adds the numbers on the squares where row + column is even, a chessboard pattern",
+        message="Adds the numbers on a chessboard pattern of the grid, starting with the top-left square.",
+        induction_inputs=(
+            ("[[1, 2, 3], [4, 5, 6]]", "two rows"),
+            ("[[7]]", "one square"),
+            ("[]", "no rows"),
+            ("[[0, 9, 0], [9, 0, 9], [0, 9, 0]]", "only the skipped squares are large"),
+            ("[[-1, 2], [3, -4]]", "negative numbers"),
+            ("[[5, 5, 5, 5]]", "one row"),
+            ("[[1], [2], [3]]", "one column"),
+            ("[[2, 3], []]", "an empty row"),
+            ("[[10, 20], [30, 40], [50, 60]]", "three rows"),
+            ("[[1, 1], [1, 1]]", "all equal"),
+            ("[[1, 2, 3, 4], [5, 6, 7, 8]]", "an even width"),
+            ("[[100]]", "one large number"),
+        ),
+        think=("The existing puzzle only doubles a number. A harder one needs two loops and a condition on "
+               "the position: I will add the numbers whose row plus column is even, so the solver must "
+               "track both indices.",
+               "The existing puzzle only doubles a number, so its input is easy to recover. In mine the "
+               "output is one sum over a pattern of positions: the solver must build a grid whose "
+               "squares on the pattern add up to it."),
+        marks=("f(grid)", "[[1, 2, 3], [4, 5, 6]]"),
+    ),
+    ProposerExample(
+        program="def f(text, sep):\n    out = []\n    for piece in text.split(sep):\n        if piece:\n"
+                "            out.append(piece[::-1] if len(piece) % 2 else piece.upper())\n"
+                "    return '-'.join(out)",
+        input="'ab,cde,,f', ','",
+        summary="f splits the text at sep, drops empty pieces, reverses the odd-length ones and "
+                "upper-cases the others, then joins them with '-'",
+        message="Splits the text at sep, drops empty pieces, reverses odd-length pieces, upper-cases "
+                "even-length ones, joins with '-'.",
+        induction_inputs=(
+            ("'ab,cde,,f', ','", "an empty piece"),
+            ("'hello world', ' '", "two odd-length words"),
+            ("'', ','", "empty text"),
+            ("'abcd', ','", "no separator in the text"),
+            ("'a;bb;ccc', ';'", "lengths one to three"),
+            ("',,,', ','", "only separators"),
+            ("'xy|xy', '|'", "a repeated piece"),
+            ("'one two three', ' '", "three words"),
+            ("'race car', ' '", "a palindrome"),
+            ("'ab-cd', '-'", "the separator is the joiner"),
+            ("'q', ','", "one letter"),
+            ("'mo,on', ','", "two even pieces"),
+        ),
+        think=("The existing puzzle only doubles a number. A harder one works on text: I will split it, "
+               "drop the empty pieces and change each piece by the parity of its length, so the solver "
+               "must follow the split, the lengths and the join.",
+               "The existing puzzle only doubles a number, so its input is easy to recover. In mine the "
+               "output joins changed pieces: the solver must undo the reversing and the upper-casing "
+               "and choose a separator."),
+        marks=("f(text, sep)", "'ab,cde,,f'"),
+    ),
 )
-EXAMPLE_INPUT = "['apple', 'apricot', 'banana'], 2"
-EXAMPLE_INDUCTION_INPUTS = (  # (input, the case it covers): the induction example shows the first N
-    (EXAMPLE_INPUT, "two words share a prefix"),
-    ("['cat', 'car', 'dog', 'cow'], 1", "n = 1"),
-    ("[], 3", "no words"),
-    ("['aa', 'ab', 'ba'], 2", "words as long as n"),
-    ("['x'], 5", "n longer than the word"),
-    ("['tree', 'trip', 'tram', 'toy'], 2", "three prefixes"),
-    ("['a', 'b', 'a'], 1", "a repeated word"),
-    ("['hello', 'help', 'hold'], 3", "n = 3"),
-    ("['one', 'two', 'three'], 0", "n = 0"),
-    ("['abc', 'abd'], 3", "two different prefixes"),
-    ("['sun', 'sea', 'sky', 'moon'], 1", "one prefix three times"),
-    ("['ab'], 1", "one word"),
-)
+EXAMPLE = PROPOSER_EXAMPLES[0]  # the one every prompt shows with --worked-examples 1 (the default)
+EXAMPLE_PROGRAM, EXAMPLE_INPUT = EXAMPLE.program, EXAMPLE.input
 # The reference the proposers' example request shows. Not the seed triplet: during seeding the real
 # request shows the seed alone, and a request identical to the example's got the example's answer
 # back, a copy (1 valid task in a 64-proposal seeding round).
 EXAMPLE_REFERENCE = Triplet("def f(x):\n    return x * 2", "21", "42")
-# Everything a proposer's prompt shows as a program besides its buffer's tasks: a proposal that
+# Everything a proposer's prompt may show as a program besides its buffer's tasks: a proposal that
 # repeats one of these is a copy (azr_mini.known_proposals).
-EXAMPLE_PROGRAMS = (EXAMPLE_PROGRAM, EXAMPLE_REFERENCE.program)
-# What a task borrows from the proposers' worked example when it is not a copy: its signature, the
-# words of its input. A diversity signal (azr_mini.step_metrics, example_reuse), not a rule.
-EXAMPLE_MARKS = ("f(words, n)", "'apple'", "'apricot'", "'banana'")
-EXAMPLE_MESSAGE = "Counts the words by their first n letters; returns (prefix, count) pairs sorted by prefix."
+EXAMPLE_PROGRAMS = tuple(e.program for e in PROPOSER_EXAMPLES) + (EXAMPLE_REFERENCE.program,)
 
 # The solvers' worked example: one task seen three ways.
 SOLVER_EXAMPLE = Triplet(
@@ -319,38 +405,33 @@ def _induction_solve_request(task: InductionTask) -> str:
 
 
 def reuses_example(*texts: str) -> bool:
-    """Whether a proposal's program or inputs carry a mark of the proposers' worked example
-    (EXAMPLE_MARKS, up to the quotes used)."""
+    """Whether a proposal's program or inputs carry a mark of a proposers' worked example (its
+    signature, the words of its input; up to the quotes used). A diversity signal
+    (azr_mini.step_metrics, example_reuse), not a rule."""
     text = " ".join(texts).replace('"', "'")
-    return any(mark in text for mark in EXAMPLE_MARKS)
+    return any(mark in text for example in PROPOSER_EXAMPLES for mark in example.marks)
 
 
-def example_induction_inputs(n_inputs: int) -> tuple[str, ...]:
+def example_induction_inputs(n_inputs: int, example: int = 0) -> tuple[str, ...]:
     """The inputs the induction proposer's worked example shows (as many as asked, up to 12)."""
-    return tuple(i for i, _ in EXAMPLE_INDUCTION_INPUTS[:n_inputs])
+    return tuple(i for i, _ in PROPOSER_EXAMPLES[example].induction_inputs[:n_inputs])
 
 
-def worked_example(task_type: str, role: str, n_inputs: int = N_INPUTS) -> tuple[str, str]:
+def worked_example(task_type: str, role: str, n_inputs: int = N_INPUTS, example: int = 0) -> tuple[str, str]:
     """The earlier turn shown before every request of this (task type, role): a request of the same
-    kind, about the example task, and its complete response."""
-    if role == PROPOSE and task_type == INDUCTION:
-        cases = EXAMPLE_INDUCTION_INPUTS[:n_inputs]
-        plan = "; ".join(f"{k}. {why}" for k, (_, why) in enumerate(cases, 1))
-        return _induction_request(Triplet(EXAMPLE_PROGRAM, EXAMPLE_INPUT, ""), len(cases)), _response(
-            f"f counts words by their first n letters. My {len(cases)} inputs: {plan}.",
-            _block("message", EXAMPLE_MESSAGE),
-            *[f"Input {k}:\n" + _block("input", i) for k, (i, _) in enumerate(cases, 1)])
+    kind, about the example task, and its complete response. `example` picks a proposers' example."""
     if role == PROPOSE:
-        proposal = _block("python", EXAMPLE_PROGRAM), _block("input", EXAMPLE_INPUT)
-        think = {
-            DEDUCTION: "The existing puzzle only doubles a number. A harder one needs a loop and a "
-                       "dictionary: I will count words by their first n letters and return the sorted "
-                       "counts, so the solver must track the slices, the counts and the sorting.",
-            ABDUCTION: "The existing puzzle only doubles a number, so its input is easy to recover. In "
-                       "mine the output is a sorted list of (prefix, count) pairs: the solver must "
-                       "invent words with those prefixes, the right number of each, and find n.",
-        }[task_type]
-        return _program_request(task_type, [EXAMPLE_REFERENCE]), _response(think, *proposal)
+        shown = PROPOSER_EXAMPLES[example]
+        if task_type == INDUCTION:
+            cases = shown.induction_inputs[:n_inputs]
+            plan = "; ".join(f"{k}. {why}" for k, (_, why) in enumerate(cases, 1))
+            return _induction_request(Triplet(shown.program, shown.input, ""), len(cases)), _response(
+                f"{shown.summary}. My {len(cases)} inputs: {plan}.",
+                _block("message", shown.message),
+                *[f"Input {k}:\n" + _block("input", i) for k, (i, _) in enumerate(cases, 1)])
+        think = shown.think[0] if task_type == DEDUCTION else shown.think[1]
+        return _program_request(task_type, [EXAMPLE_REFERENCE]), _response(
+            think, _block("python", shown.program), _block("input", shown.input))
     if task_type == DEDUCTION:
         return _deduction_request(SOLVER_EXAMPLE), _response(
             "k = 3. 6 % 3 == 0: append 6 // 3 = 2. 7 % 3 == 1: skip. 9 % 3 == 0: append 3. "
@@ -368,28 +449,28 @@ def worked_example(task_type: str, role: str, n_inputs: int = N_INPUTS) -> tuple
         _block("python", SOLVER_EXAMPLE.program))
 
 
-def chat(task_type: str, role: str, request: str, n_inputs: int = N_INPUTS) -> Chat:
+def chat(task_type: str, role: str, request: str, n_inputs: int = N_INPUTS, example: int = 0) -> Chat:
     """A request with the system message and its worked example in front."""
-    return Chat(user=request, system=SYSTEM, examples=(worked_example(task_type, role, n_inputs),))
+    return Chat(user=request, system=SYSTEM, examples=(worked_example(task_type, role, n_inputs, example),))
 
 
 # ------------------------------------------------------------------------------------------------
 # The six prompts
 
 
-def propose_deduction(references: Sequence[Triplet]) -> Chat:
+def propose_deduction(references: Sequence[Triplet], example: int = 0) -> Chat:
     """Proposer, deduction: a program and an input whose output is hard to predict."""
-    return chat(DEDUCTION, PROPOSE, _program_request(DEDUCTION, references))
+    return chat(DEDUCTION, PROPOSE, _program_request(DEDUCTION, references), example=example)
 
 
-def propose_abduction(references: Sequence[Triplet]) -> Chat:
+def propose_abduction(references: Sequence[Triplet], example: int = 0) -> Chat:
     """Proposer, abduction: a program and an input that is hard to recover from the output."""
-    return chat(ABDUCTION, PROPOSE, _program_request(ABDUCTION, references))
+    return chat(ABDUCTION, PROPOSE, _program_request(ABDUCTION, references), example=example)
 
 
-def propose_induction(task: Triplet, n_inputs: int = N_INPUTS) -> Chat:
+def propose_induction(task: Triplet, n_inputs: int = N_INPUTS, example: int = 0) -> Chat:
     """Proposer, induction: N inputs for a given program (from the buffer), plus a message."""
-    return chat(INDUCTION, PROPOSE, _induction_request(task, n_inputs), n_inputs)
+    return chat(INDUCTION, PROPOSE, _induction_request(task, n_inputs), n_inputs, example)
 
 
 def solve_deduction(task: Triplet) -> Chat:

@@ -135,15 +135,20 @@ def requests_for(module, task_type: str, role: str, n: int, cfg, pool, induction
     """The n requests of one row, built with `module`'s prompt functions the way the loop builds them;
     `pool` is what a proposer's buffer would hold (references, programs for induction)."""
     rng = random.Random(seed)
+
+    def example(k: int) -> dict:  # the proposers' worked examples in turn (--worked-examples)
+        return {"example": k % cfg.worked_examples} if cfg.worked_examples > 1 else {}
+
     out = []
     for k in range(n):
         if role == PROPOSE and task_type in (DEDUCTION, ABDUCTION):
             template = module.propose_deduction if task_type == DEDUCTION else module.propose_abduction
             references = rng.sample(pool, cfg.n_references)
-            out.append(azr_mini.Request(task_type, role, as_chat(template(references)), "bench"))
+            out.append(azr_mini.Request(task_type, role, as_chat(template(references, **example(k))), "bench"))
         elif role == PROPOSE:
             source = pool[k % len(pool)]
-            out.append(azr_mini.Request(task_type, role, as_chat(module.propose_induction(source, cfg.n_inputs)),
+            out.append(azr_mini.Request(task_type, role, as_chat(module.propose_induction(source, cfg.n_inputs,
+                                                                                          **example(k))),
                                         "bench", program=source.program))
         else:
             task = induction[k % len(induction)] if task_type == INDUCTION else crux[k % len(crux)]

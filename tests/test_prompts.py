@@ -87,19 +87,24 @@ def test_worked_examples_are_right():
     from executor import Executor
     from rewards import grade
 
-    ded = prompts.propose_deduction([SEED_TRIPLET]).examples[0][1]
-    proposal = parse_proposal(ded)
-    assert (proposal.program, proposal.input) == (prompts.EXAMPLE_PROGRAM, prompts.EXAMPLE_INPUT)
-    inputs = parse_induction_proposal(prompts.propose_induction(SAMPLE, n_inputs=10).examples[0][1], 10).inputs
-    assert inputs == prompts.example_induction_inputs(10) and len(set(inputs)) == 10
+    from rewards import distinct_inputs
+
+    for k, shown in enumerate(prompts.PROPOSER_EXAMPLES):   # each of the proposers' worked examples
+        for template in (prompts.propose_deduction, prompts.propose_abduction):
+            proposal = parse_proposal(template([SEED_TRIPLET], k).examples[0][1])
+            assert (proposal.program, proposal.input) == (shown.program, shown.input)
+        inputs = parse_induction_proposal(prompts.propose_induction(SAMPLE, 10, k).examples[0][1], 10).inputs
+        assert inputs == prompts.example_induction_inputs(10, k) and distinct_inputs(prompts.example_induction_inputs(12, k))
+        assert prompts.reuses_example(shown.program, shown.input)
     example = prompts.SOLVER_EXAMPLE
     answers = [(task_type, task, parse_solution(task_type, chat.examples[0][1])) for task_type, task, chat in [
         (DEDUCTION, example, prompts.solve_deduction(SAMPLE)),
         (ABDUCTION, example, prompts.solve_abduction(SAMPLE)),
         (INDUCTION, prompts.SOLVER_EXAMPLE_INDUCTION, prompts.solve_induction(prompts.SOLVER_EXAMPLE_INDUCTION))]]
     with Executor(timeout_s=5.0, workers=1) as ex:
-        runs = ex.validate_many([(prompts.EXAMPLE_PROGRAM, i) for i in prompts.example_induction_inputs(12)])
-        assert [r.status for r in runs] == ["ok"] * len(runs)
+        for k, shown in enumerate(prompts.PROPOSER_EXAMPLES):
+            runs = ex.validate_many([(shown.program, i) for i in prompts.example_induction_inputs(12, k)])
+            assert [r.status for r in runs] == ["ok"] * len(runs)
         assert grade(ex, answers) == [1.0, 1.0, 1.0]
         pairs = prompts.SOLVER_EXAMPLE_INDUCTION.visible + prompts.SOLVER_EXAMPLE_INDUCTION.hidden
         assert [r.value for r in ex.validate_many([(example.program, i) for i, _ in pairs])] == [o for _, o in pairs]
