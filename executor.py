@@ -23,8 +23,10 @@ How one call runs (two layers):
       parser (`parse_literal`), never with eval.
   operating-system layer (sandbox.py, in the child): a fresh process per call, forked from a warm
     server, with an import guard, resource limits, no new processes, no stdin, an empty
-    environment and, as root, a uid drop and private network and mount namespaces. How each of
-    these works is sandbox.py's docstring.
+    environment, as root a uid drop, and private namespaces (no network, its own process ids, a
+    read-only file system with the home folder hidden): as root, or as an ordinary user inside a
+    user namespace where the kernel allows one. The Executor prints the layers in place once, at
+    start-up (`Executor.layers`). How each of these works is sandbox.py's docstring.
 
 Determinism is checked in two interpreters started with different PYTHONHASHSEED values, so hash(),
 string-set order and the like differ between the two runs. So do addresses (id()): each server is
@@ -35,9 +37,10 @@ an id()-dependent program passes; random padding allocated before each fork did 
 
 What is NOT covered: this is not a security boundary against a determined attacker. A kernel
 exploit, a bug in CPython, or a side channel gets out. Without root (a student's laptop) there is no
-uid drop and no namespaces, so a program that slips past the static check could signal the user's
-own processes, read the user's files or open network connections. For untrusted code at scale,
-run the whole trainer in a container or under nsjail/gVisor; that is the next step.
+uid drop: a program runs as the user, in a user namespace where the kernel allows one; where it
+refuses one (the start-up line says so), a program that slips past the static check could signal
+the user's own processes, read the user's files or open network connections. For untrusted code at
+scale, run the whole trainer in a container or under nsjail/gVisor; that is the next step.
 
 Departures from the official code: a fork server instead of a process pool that evals in the
 trainer; different hash seeds for the determinism check (the official code reruns in one
@@ -444,7 +447,8 @@ HASH_SEEDS = (1, 2)   # fixed, so a run is reproducible; different, so validate(
 class Executor:
     """Runs and validates model-written programs in sandboxed child processes.
 
-    Use as a context manager (or call close()): it starts 2 x workers warm server processes.
+    Use as a context manager (or call close()): it starts 2 x workers warm server processes, the
+    first at once (it prints the jail's layers, once per process), the others on first use.
     `check_safety=False` skips the static check and the import guard; it exists so the tests can
     attack the operating-system layer directly. Never use it for model output.
     """
@@ -474,6 +478,7 @@ class Executor:
             self._slots.put(pair)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="executor")
         self._closed = False
+        self._servers[0].start()                # announces the jail's layers (sandbox.py) at start-up
 
     # the public calls ------------------------------------------------------------------------------
 
@@ -499,8 +504,17 @@ class Executor:
 
     @property
     def isolated(self) -> bool:
-        """True when the servers run in private network and mount namespaces (needs root)."""
+        """True when the servers run in private namespaces (no network, own process ids, hidden home):
+        as root, or as a user where the kernel allows user namespaces."""
         return all(s.isolated for s in self._servers if s.proc is not None)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The jail's layers in place, as the servers reported them when they started (those all of
+        them reported): the static check and import guard (unless check_safety is off), resource
+        limits, and the namespaces where the kernel allows them. Printed once at start-up."""
+        reported = [s.layers for s in self._servers if s.layers is not None]
+        return tuple(layer for layer in reported[0] if all(layer in other for other in reported))
 
     def close(self) -> None:
         if self._closed:

@@ -17,9 +17,18 @@ static check, compiled (executor._prepare), to a warm server of this file. From 
     root child first drops to the uid "nobody");
   - stdin from /dev/null, stdout/stderr captured into capped in-memory files, an empty
     environment, a fresh working directory removed afterwards;
-  - when the server runs as root it also enters a private network namespace (no network at all)
-    and a private mount namespace with a fresh tmpfs on /tmp, /var/tmp and /dev/shm, so files a
-    program writes there never reach the real machine;
+  - private namespaces, entered by the server before its first fork, so that they cost no call
+    anything (_enter_namespaces): as root directly; as an ordinary user (a student's laptop) inside
+    a new user namespace mapped to the user's own uid, whose rights the server uses to set up the
+    others and then gives up (every capability, and no new privileges), so that a program cannot
+    undo them. In them: no network (a network namespace with only its loopback, down); process ids
+    of their own (the server is pid 1 there: a program sees and can signal no other process, and
+    nothing it starts outlives the server); a file system that is read-only everywhere, with the
+    home folder, /root and /run/user/<uid> hidden under empty read-only tmpfs, /var/tmp and /dev/shm
+    empty and read-only, and /tmp a fresh tmpfs that holds only the working directories, emptied
+    after every call. Where the kernel refuses (user namespaces switched off, a container without
+    the rights) the server runs without them and says so: the host announces the layers in place
+    once, at start-up (_announce; Executor.layers);
   - the return value is turned into a literal repr inside the child (exact builtin types only,
     with caps on depth, element count and size); the host only ever sees that string and parses
     it with executor.parse_literal, never with eval.
@@ -172,9 +181,10 @@ def _child_write(fd: int, status: str, text: str, write=os.write, encode=str.enc
 
 _NOBODY = 65534
 # Set up once per server by _server_setup(): the children's stdin, the file descriptor limit (a
-# child closes everything below it that it does not need), and a root-only folder (0711: "nobody"
-# can enter its own subfolder but not list or create anything) for the working directories, which
-# are numbered by _run_count.
+# child closes everything below it that it does not need), and the folder for the working
+# directories, numbered by _run_count: the fresh /tmp in the namespaces, else a folder of its own
+# under TMPDIR. Both are 0711: as root, "nobody" can enter its own subfolder but not list or create
+# anything; as a user, the child has the server's uid and can, so it is emptied after every call.
 _devnull = -1
 _max_fd = 0
 _run_root = ""
@@ -199,51 +209,204 @@ def _die_with_parent() -> None:
         _prctl(1, signal.SIGKILL, 0, 0, 0)
 
 
-def _enter_private_namespaces() -> bool:
-    """As root: no network, and a private tmpfs on the world-writable directories. Best effort."""
+# Linux's flags for unshare(2), mount(2) and prctl(2). The three kept by a remount (nosuid, nodev,
+# noexec) have the same values in statvfs's f_flag (os.ST_NOSUID, ...).
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x10000000, 0x20000000, 0x40000000
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+_MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+_PR_SET_NO_NEW_PRIVS = 38
+# Replaced by fresh empty tmpfs: /tmp writable (it holds the working directories), the others read-only
+_SCRATCH_FOLDERS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _enter_namespaces(hidden: list[str]) -> tuple[list[str], str | None]:
+    """Before the first fork: move this server, and so every child it will fork, into private
+    namespaces (the module docstring says what they hold). hidden: the folders to hide (the host's
+    _private_folders). Returns the layers now in place and None, or no layers and why the kernel
+    refused them. After a success this process is pid 1 of its own pid namespace (_become_pid_one).
+
+    As an ordinary user the new user namespace gives the server every capability inside it, which is
+    what setting up the others takes; it gives them all up at the end, since with them a program could
+    unmount the hidden folders or bring the network up. As root the children drop to "nobody" instead."""
     libc = _libc()
-    if os.getuid() != 0 or libc is None:
-        return False
+    if libc is None or not hasattr(libc, "unshare"):
+        return [], "no Linux C library"
+    as_root = os.getuid() == 0
+    uid, gid = os.getuid(), os.getgid()
+    flags = _CLONE_NEWNS | _CLONE_NEWNET | _CLONE_NEWPID | (0 if as_root else _CLONE_NEWUSER)
+    if libc.unshare(flags) != 0:
+        wanted = "private namespaces" if as_root else "a user namespace"
+        return [], f"the kernel refused {wanted}: {_last_error()}"
+    layers = [] if as_root else ["user namespace without capabilities"]
+    if not as_root:
+        # The new namespace maps no uid at all until told: map the user's own uid and gid to
+        # themselves (an unprivileged process may map only those, and must refuse setgroups first).
+        _write_file("/proc/self/setgroups", "deny")
+        _write_file("/proc/self/uid_map", f"{uid} {uid} 1")
+        _write_file("/proc/self/gid_map", f"{gid} {gid} 1")
+    _become_pid_one()
+    layers += ["no network", "own process ids"] + _private_mounts(libc, hidden)
+    if not as_root:
+        _drop_capabilities(libc)
+    _prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)           # no exec of a setuid program regains any right
+    return layers, None
+
+
+def _become_pid_one() -> None:
+    """unshare(CLONE_NEWPID) moves only the caller's future children into the new pid namespace: fork
+    once and let the child, pid 1 there, go on as the server. This process, the one the host started
+    and knows, stays behind, waits and ends with it. Should it be killed first, the server dies with
+    it (_die_with_parent), and with pid 1 the kernel kills everything in its namespace; but pid 1 is
+    then left for the machine's init to reap. So when the host goes (or the host thread that started
+    it: that is when the kernel sends the signal), it asks for SIGTERM instead, kills pid 1 and reaps it."""
+    pid = os.fork()
+    if pid == 0:
+        _die_with_parent()                             # not inherited across fork
+        return
+
+    def end_pid_one(signum, frame):
+        os.kill(pid, signal.SIGKILL)                   # the waitpid below then returns
+
+    signal.signal(signal.SIGTERM, end_pid_one)
+    _prctl(1, signal.SIGTERM, 0, 0, 0)                 # PR_SET_PDEATHSIG, as in _die_with_parent
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1)
+
+
+def _private_mounts(libc, hidden: list[str]) -> list[str]:
+    """In the server's new mount namespace: a fresh /proc (pid 1's view), everything else read-only,
+    the hidden folders under empty read-only tmpfs, and fresh scratch folders. Returns the layers in
+    place; a step the kernel refuses is left out of them, never silently assumed."""
+    if not _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE):   # nothing may reach the real mounts
+        raise OSError(f"cannot make the mounts private: {_last_error()}")
+    layers = []
+    covered = [*hidden, *_SCRATCH_FOLDERS]
+    # Read-only first, while every mount point can still be reached; those under a folder about to
+    # be hidden or replaced need not be.
+    failed = []
+    for point in _mount_points():
+        if not any(_inside(point, folder) for folder in covered) and not _remount_read_only(libc, point):
+            failed.append(point)
+    layers.append("read-only file system" + (f" except {', '.join(failed)}" if failed else ""))
+    if _mount(libc, "proc", "/proc", "proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC):
+        layers.append("own /proc")
+    elif _mount_empty(libc, "/proc"):                  # a container may refuse a new /proc: hide the old one
+        layers.append("no /proc")
+    # The working directories go on a fresh writable /tmp (see _server_setup); without it they
+    # would have nowhere to go on a read-only file system.
+    if not _mount(libc, "tmpfs", "/tmp", "tmpfs", _MS_NOSUID | _MS_NODEV, "size=256m,mode=711"):
+        raise OSError(f"cannot mount a tmpfs on /tmp: {_last_error()}")
+    done = []
+    for folder in hidden:                              # one inside another is gone once that one is hidden
+        if os.path.isdir(folder) and _mount_empty(libc, folder):
+            done.append(folder)
+    if done:
+        layers.append("hidden: " + ", ".join(done))
+    emptied = ["/tmp"]
+    for folder in _SCRATCH_FOLDERS[1:]:
+        if os.path.isdir(folder) and _mount_empty(libc, folder):
+            emptied.append(folder)
+    layers.append("empty " + ", ".join(emptied))
+    return layers
+
+
+def _mount(libc, source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> bool:
+    return libc.mount(_c_text(source), _c_text(target), _c_text(fstype), flags, _c_text(data)) == 0
+
+
+def _c_text(text: str | None) -> bytes | None:
+    return None if text is None else os.fsencode(text)
+
+
+def _mount_empty(libc, folder: str) -> bool:
+    """Hide a folder under an empty read-only tmpfs."""
+    return _mount(libc, "tmpfs", folder, "tmpfs", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, "size=4k,mode=755")
+
+
+def _remount_read_only(libc, point: str) -> bool:
+    """Remount one mount read-only. In a user namespace the kernel locks nosuid, nodev and noexec on
+    the mounts it copied, so a remount must repeat them or be refused."""
     try:
-        clone_newns, clone_newnet, ms_rec, ms_private = 0x00020000, 0x40000000, 0x4000, 0x40000
-        if libc.unshare(clone_newns | clone_newnet) != 0:
-            return False
-        if libc.mount(b"none", b"/", None, ms_rec | ms_private, None) != 0:
-            return False
-        for path in (b"/tmp", b"/var/tmp", b"/dev/shm"):
-            if os.path.isdir(path):
-                libc.mount(b"tmpfs", path, b"tmpfs", 0, b"size=256m,mode=1777")
-        return True
-    except Exception:
+        kept = os.statvfs(point).f_flag & (os.ST_NOSUID | os.ST_NODEV | os.ST_NOEXEC)
+    except OSError:
         return False
+    return _mount(libc, None, point, None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept)
 
 
-def _server_setup() -> bool:
-    """Once per server, before the first fork: namespaces, folders, and every module a child may use.
-    Returns whether the private namespaces are in place."""
+def _mount_points() -> list[str]:
+    """Every mount point of this mount namespace, parents first, each once (a path mounted over twice
+    is remounted once). From /proc/self/mountinfo, whose fifth field is the mount point with space,
+    tab, newline and backslash written as octal escapes (\\040)."""
+    import re
+    points = []
+    with open("/proc/self/mountinfo") as lines:
+        for line in lines:
+            point = re.sub(r"\\([0-7]{3})", _octal_escape, line.split()[4])
+            if point not in points:
+                points.append(point)
+    return points
+
+
+def _octal_escape(match) -> str:
+    return chr(int(match.group(1), 8))
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def _drop_capabilities(libc) -> None:
+    """capset(2) with every set empty: the server, and each child it forks, keeps no capability in its
+    user namespace. Raises OSError if the kernel refuses (a program could then undo the mounts)."""
+    import ctypes
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)      # _LINUX_CAPABILITY_VERSION_3, this process
+    sets = (ctypes.c_uint32 * 6)()                     # effective, permitted, inheritable; 2 x 32 bits; all 0
+    if libc.capset(header, sets) != 0:
+        raise OSError(f"cannot drop the capabilities: {_last_error()}")
+
+
+def _write_file(path: str, text: str) -> None:
+    with open(path, "w") as file:
+        file.write(text)
+
+
+def _last_error() -> str:
+    import ctypes
+    return os.strerror(ctypes.get_errno())
+
+
+def _server_setup(config: dict) -> tuple[list[str], str | None]:
+    """Once per server, before the first fork: every module a child may use, the namespaces, folders.
+    Returns the jail's layers and, where the kernel refused the namespaces, why (see _enter_namespaces)."""
     import importlib
     global _prctl, _devnull, _max_fd, _run_root
     _prctl = getattr(_libc(), "prctl", None)             # None: not Linux
     _die_with_parent()
-    isolated = _enter_private_namespaces()
-    _devnull = os.open(os.devnull, os.O_RDONLY)
-    _max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    _run_root = f"{os.environ.get('TMPDIR', '/tmp')}/azr-run-{os.getpid()}-{os.urandom(4).hex()}"
-    os.mkdir(_run_root)
-    os.chmod(_run_root, 0o711)
     import encodings
     import pkgutil
     # Every text codec too: Python loads them on first use (CRUXEval has "abc".encode("shift_jis")).
     # Not the two that need compression libraries: str.encode cannot use them, and each library
-    # mapped into the server makes every fork slower.
+    # mapped into the server makes every fork slower. All of it before the namespaces, which may
+    # hide the interpreter's own files (a virtual environment or pyenv in the home folder).
     codecs = [m.name for m in pkgutil.iter_modules(encodings.__path__) if m.name not in ("bz2_codec", "zlib_codec")]
     for module in ALLOWED_MODULES + tuple(f"encodings.{name}" for name in codecs):
         try:
             importlib.import_module(module)
         except Exception:
             pass
+    _devnull = os.open(os.devnull, os.O_RDONLY)
+    _max_fd = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    layers = ["static check", "import guard"] if config["check_safety"] else []
+    layers += ["resource limits", "no new processes"] + (["uid nobody"] if os.getuid() == 0 else [])
+    namespaces, refused = _enter_namespaces(config["hidden"])
+    if refused is None:
+        _run_root = "/tmp"                              # the fresh tmpfs, the only writable folder
+    else:
+        _run_root = f"{os.environ.get('TMPDIR', '/tmp')}/azr-run-{os.getpid()}-{os.urandom(4).hex()}"
+        os.mkdir(_run_root)
+        os.chmod(_run_root, 0o711)
     os.environ.clear()                                  # children inherit an empty environment
-    return isolated
+    return layers + namespaces, refused
 
 
 def _release_free_memory() -> None:
@@ -284,12 +447,17 @@ def _install_import_guard() -> None:
 def _serve(config_json: str) -> None:
     """Server loop. A job is its length on a line, then that many bytes: the marshalled code from
     _prepare, passed to the child as it came. Each reply is one JSON line. config holds the
-    Executor's limits and check_safety, the same for every job."""
+    Executor's limits and check_safety, the same for every job, and the folders to hide. The first
+    line is a greeting: the jail's layers, or why the server could not set it up."""
     config = json.loads(config_json)
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(os.open(os.devnull, os.O_WRONLY), 1)        # a stray print never corrupts the protocol
-    isolated = _server_setup()
+    try:
+        layers, refused = _server_setup(config)
+    except Exception as exc:                            # never run a program in a half-built jail
+        replies.write(json.dumps({"ready": False, "error": _describe(exc)}).encode() + b"\n")
+        return
     config = dict(config, rlimits=_child_rlimits(config["limits"]))
     _Child(config).run(_prepare("def f(a):\n    return a", "'warm'", True))   # the first fork is slow
     _release_free_memory()
@@ -297,12 +465,15 @@ def _serve(config_json: str) -> None:
     gc.freeze()                                         # fewer copy-on-write page faults per fork
     if config["check_safety"]:
         _install_import_guard()
-    replies.write(json.dumps({"ready": True, "isolated": isolated, "run_root": _run_root}).encode() + b"\n")
+    hello = {"ready": True, "layers": layers, "refused": refused, "run_root": _run_root}
+    replies.write(json.dumps(hello).encode() + b"\n")
     child = _Child(config)
     for header in requests:
         reply = child.run(requests.read(int(header)))
         replies.write(json.dumps(reply).encode() + b"\n")
         child = _Child(config)                          # forked while the host reads the reply
+    child.discard()                                     # stdin closed: the host is done (_Server.stop)
+    os._exit(0)
 
 
 def _capture_file(name: str) -> int:
@@ -335,6 +506,22 @@ def _remove_tree(path: str) -> None:
         pass
 
 
+def _empty_run_root() -> None:
+    """Remove what a program left in the run root beside its working directory. Only a child with the
+    server's uid can write there (an ordinary user's), and there it is the one writable folder of
+    the namespaces, so nothing a program writes outlives its call. Empty, the common case, this
+    costs one directory read."""
+    for name in os.listdir(_run_root):
+        path = f"{_run_root}/{name}"
+        if os.path.isdir(path) and not os.path.islink(path):
+            _remove_tree(path)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
 class _Child:
     """One sandboxed child, forked ahead of its job: fork and most of the jail setup happen while
     the server would otherwise wait for the next request. Used once.
@@ -363,6 +550,15 @@ class _Child:
                 os._exit(0)
         os.close(job_read)
         os.close(result_write)
+
+    def discard(self) -> None:
+        """Kill the child before it gets a job (the server is ending), reap it and clean up: left to
+        die on its own, it would be left for the machine's init to reap."""
+        _kill_group(self.pid)
+        os.waitpid(self.pid, 0)
+        for fd in (self.job_write, self.read_fd, self.out_fd, self.err_fd):
+            os.close(fd)
+        _remove_tree(self.workdir)
 
     def run(self, job: bytes) -> dict:
         """Hand the job (from _prepare) over, wait for the child until the deadline, clean up, classify
@@ -429,6 +625,7 @@ class _Child:
             os.rmdir(self.workdir)                      # the common case: the program wrote nothing
         except OSError:
             _remove_tree(self.workdir)
+        _empty_run_root()
 
         cap = limits["max_output_chars"]
         if timed_out:
@@ -483,6 +680,7 @@ def _kill_group(pid: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 _SERVER_GRACE_S = 30.0   # a server that has not answered timeout_s + this after a job hangs
+_SERVER_EXIT_S = 1.0     # a server told to stop (its stdin closed) that has not ended by then is killed
 
 
 class _Server:
@@ -491,7 +689,8 @@ class _Server:
     def __init__(self, hash_seed: int, config: dict) -> None:
         self.hash_seed, self.config = hash_seed, config
         self.proc: subprocess.Popen | None = None
-        self.isolated = False
+        self.isolated = False                            # in private namespaces (_enter_namespaces)
+        self.layers: tuple[str, ...] | None = None       # as the server reported them when it started
         self.run_root: str | None = None
 
     def start(self) -> None:
@@ -504,10 +703,11 @@ class _Server:
         # _release_free_memory).
         folder, module = os.path.split(os.path.splitext(os.path.abspath(__file__))[0])
         bootstrap = f"import sys; sys.path.insert(0, {folder!r}); import {module}; {module}._serve(sys.argv[1])"
+        config = dict(self.config, hidden=_private_folders())
         self.proc = subprocess.Popen(
             # -S: no site-packages and no .pth start-up hooks (one here imports threading);
             # -u: unbuffered stdout and stderr, so a child has nothing to flush before it exits
-            [sys.executable, "-S", "-u", "-c", bootstrap, json.dumps(self.config)],
+            [sys.executable, "-S", "-u", "-c", bootstrap, json.dumps(config)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             env=env, cwd="/", start_new_session=True)
         hello = self._read_line(timeout_s=60)
@@ -515,9 +715,14 @@ class _Server:
             self.stop()
             raise RuntimeError("the executor's server process did not start")
         hello = json.loads(hello)
-        self.isolated = bool(hello["isolated"])
+        if not hello["ready"]:
+            self.stop()
+            raise RuntimeError(f"the executor's server could not set up its jail: {hello['error']}")
+        self.layers = tuple(hello["layers"])
+        self.isolated = hello["refused"] is None
         # Outside private namespaces the server's folder is on the real file system: removed in stop()
         self.run_root = None if self.isolated else hello["run_root"]
+        _announce(_describe_jail(self.layers, hello["refused"]))
 
     def call(self, job: bytes) -> RunResult:
         self.send(job)
@@ -543,7 +748,7 @@ class _Server:
             except OSError:
                 pass
         if line is None:
-            self.stop()
+            self.stop(at_once=True)
             return RunResult("crash", None, "the executor's server process died; restarted", 0.0)
         reply = json.loads(line)
         return RunResult(reply["status"], reply["value"], reply["error"], reply["seconds"])
@@ -557,10 +762,23 @@ class _Server:
         line = stream.readline()
         return line or None
 
-    def stop(self) -> None:
+    def stop(self, at_once: bool = False) -> None:
+        """End the server. One that waits for a job ends itself once its stdin closes, in order: in a
+        pid namespace its pid 1 goes first and is reaped by the process the host started (killed
+        together, pid 1 would be left to the machine's init to reap). One that does not end within
+        _SERVER_EXIT_S (running a job), or that hangs or has died (at_once), is killed with its
+        process group."""
+        import subprocess
         if self.proc is not None:
-            _kill_group(self.proc.pid)
-            self.proc.wait()
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.proc.wait(timeout=0 if at_once else _SERVER_EXIT_S)
+            except subprocess.TimeoutExpired:
+                _kill_group(self.proc.pid)
+                self.proc.wait()
             for stream in (self.proc.stdin, self.proc.stdout):
                 try:
                     stream.close()
@@ -570,3 +788,43 @@ class _Server:
         if self.run_root is not None:
             _remove_tree(self.run_root)
             self.run_root = None
+
+
+def _private_folders() -> list[str]:
+    """The folders of the user who starts the executor that no program may see: the home folder (as
+    $HOME and as the user database give it), /root, and the runtime folder, which holds the user's
+    sockets (ssh-agent, D-Bus). Never "/" (a service account's home). Sorted: a parent comes before
+    the folders inside it."""
+    import pwd
+    folders = [os.path.expanduser("~"), "/root", f"/run/user/{os.getuid()}", os.environ.get("XDG_RUNTIME_DIR", "")]
+    try:
+        folders.append(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:                                    # a uid with no entry (the tests use one)
+        pass
+    folders = {os.path.normpath(folder) for folder in folders if os.path.isabs(folder)}
+    return sorted(folders - {"/"})
+
+
+def _describe_jail(layers: tuple[str, ...], refused: str | None) -> str:
+    """The start-up line: the jail's layers and, where the kernel refused the namespaces, what a
+    program can then reach."""
+    line = "[executor] jail: " + "; ".join(layers)
+    if refused is None:
+        return line
+    if os.getuid() == 0:
+        reach = "the network and the world-writable folders (as uid nobody)"
+    else:
+        reach = "this user's files and processes and the network"
+    guard = "gets past the static check" if "static check" in layers else "runs (the static check is off)"
+    return f"{line}. NOT ISOLATED ({refused}): a program that {guard} can reach {reach}"
+
+
+_announced: set[str] = set()   # the start-up lines this process has printed
+
+
+def _announce(line: str) -> None:
+    """Print a start-up line to stderr, once per process: the trainer starts many servers, and the
+    tests many executors."""
+    if line not in _announced:
+        _announced.add(line)
+        print(line, file=sys.stderr, flush=True)

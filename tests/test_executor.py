@@ -3,15 +3,19 @@
 Every hostile program runs twice: through the normal executor (the static check usually rejects it)
 and, where it means something, through an executor with the static check switched off, to show
 that the operating-system layer holds on its own. After each one the test checks that no child
-process survived and that a clean program still gives the right answer.
+process survived and that a clean program still gives the right answer. The same programs run again
+in an executor started by an ordinary user, as on a student's laptop (see "The jail as a user").
 """
 import json
 import os
+import pwd
 import random
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -22,10 +26,13 @@ import pytest
 import sandbox
 from executor import (BANNED_MODULES, Executor, RunResult, parse_literal, safety_violations,
                       same_value)
+from jail_as_a_user import CLEAN, processes, stray_processes, wait_for_no_strays
 
-CRUXEVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cruxeval.jsonl"
+ROOT = Path(__file__).resolve().parents[1]
+CRUXEVAL = ROOT.parent / "shared" / "data" / "cruxeval.jsonl"
 IS_ROOT = os.getuid() == 0
-CLEAN = ("def f(xs, k):\n    return sorted(xs)[:k]", "[3, 1, 2], 2", "[1, 2]")
+# The uid programs run as, where nothing else does: "nobody" as root (sandbox.py drops to it)
+PROGRAM_UID = 65534 if IS_ROOT else None
 
 
 @pytest.fixture(scope="module")
@@ -42,43 +49,8 @@ def raw():
         yield ex
 
 
-def _processes() -> dict[int, tuple[int, int, str]]:
-    """pid -> (parent pid, real uid, cmdline) of every live process, from /proc."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                uid = int(Path(f"/proc/{entry}/status").read_text().split("\nUid:")[1].split()[0])
-                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-            except (OSError, IndexError):
-                continue
-            found[int(entry)] = (int(stat.rsplit(")", 1)[1].split()[1]), uid, cmd)
-    return found
-
-
-def _stray_processes() -> list:
-    """What may live after a call: the executors' servers (children of this process) and, per server,
-    at most one idle child forked for the next call (still root, waiting for its job). A process of
-    uid "nobody", or anything deeper, is a program's leftover."""
-    procs = _processes()
-    servers = {pid for pid, (ppid, _, cmd) in procs.items() if ppid == os.getpid() and "._serve(" in cmd}
-    stray = [(pid, p) for pid, p in procs.items() if IS_ROOT and p[1] == 65534]
-    per_server: dict[int, int] = {}
-    for pid, (ppid, _, cmd) in procs.items():
-        if ppid in servers:
-            per_server[ppid] = per_server.get(ppid, 0) + 1
-        elif ppid in procs and procs[ppid][0] in servers:        # a grandchild of a server
-            stray.append((pid, procs[pid]))
-    stray += [(server, n) for server, n in per_server.items() if n > 1]
-    return stray
-
-
 def assert_no_stray_processes():
-    deadline = time.monotonic() + 2
-    while (stray := _stray_processes()) and time.monotonic() < deadline:
-        time.sleep(0.05)   # a killed child may take a moment to be reaped
-    assert stray == []
+    assert wait_for_no_strays(PROGRAM_UID) == []
 
 
 def assert_still_healthy(ex: Executor):
@@ -98,7 +70,23 @@ class Hostile:
     input: str
     status: str
     raw_status: str | None
-    root_only: bool = False
+    isolated_only: bool = False   # raw: needs the namespaces (root, or a user namespace) to be safe to run
+
+
+# Where an executor started by an ordinary user, in its user namespace, gives another status
+# without the static check than one started by root (whose children run as "nobody").
+AS_A_USER = {
+    # /tmp holds the working directories, and the child has the server's uid: it may write there,
+    # and the server empties it after the call (root's 0711 /tmp refuses "nobody")
+    "write outside the temp dir": "ok",
+    # the server is pid 1 of the pid namespace, and the kernel drops a signal sent to it from inside
+    # (root's server refuses "nobody" the signal)
+    "SIGKILL to the server": "ok",
+}
+
+
+def raw_status_of(case: Hostile, as_root: bool) -> str | None:
+    return case.raw_status if as_root else AS_A_USER.get(case.name, case.raw_status)
 
 
 HOSTILE = [
@@ -125,7 +113,7 @@ HOSTILE = [
     Hostile("bytearray bomb", "def f(x):\n    return len(bytearray(10 ** 10))", "1", "memory", "memory"),
     # fork bombs and subprocesses
     Hostile("os.fork", "import os\ndef f(x):\n    os.fork()\n    return 1", "1", "rejected", "error",
-            root_only=False),
+            isolated_only=False),
     Hostile("fork bomb", "import os\ndef f(x):\n    while True:\n        os.fork()", "1", "rejected", "error"),
     Hostile("subprocess", "import subprocess\ndef f(x):\n    return subprocess.run(['true']).returncode",
             "1", "rejected", "error"),
@@ -136,20 +124,20 @@ HOSTILE = [
     # file system
     Hostile("write outside the temp dir",
             "def f(x):\n    with open('/tmp/azr_escape_marker', 'w') as fh:\n        fh.write('x')\n    return 1",
-            "1", "rejected", "ok", root_only=True),
+            "1", "rejected", "error", isolated_only=True),
     Hostile("write into root's home",
             "def f(x):\n    open('/root/azr_escape_marker', 'w').write('x')\n    return 1",
-            "1", "rejected", "error", root_only=True),
+            "1", "rejected", "error", isolated_only=True),
     Hostile("delete a file", "import os\ndef f(x):\n    os.remove(x)\n    return 1", "'MARKER'",
-            "rejected", "error", root_only=True),
+            "rejected", "error", isolated_only=True),
     Hostile("shutil.rmtree", "import shutil\ndef f(x):\n    shutil.rmtree('/work')\n    return 1", "1",
-            "rejected", "error", root_only=True),
+            "rejected", "error", isolated_only=True),
     Hostile("pathlib write", "from pathlib import Path\ndef f(x):\n    Path('/etc/azr_marker').write_text('x')",
-            "1", "rejected", "error", root_only=True),
+            "1", "rejected", "error", isolated_only=True),
     # network
     Hostile("socket to loopback",
             "import socket\ndef f(port):\n    socket.create_connection(('127.0.0.1', port), timeout=0.5)\n"
-            "    return 'connected'", "PORT", "rejected", "error", root_only=True),
+            "    return 'connected'", "PORT", "rejected", "error", isolated_only=True),
     # indirect imports and climbing out
     Hostile("__import__", "def f(x):\n    return __import__('os').getpid()", "1", "rejected", "ok"),
     Hostile("importlib", "import importlib\ndef f(x):\n    return importlib.import_module('os').sep", "1",
@@ -220,7 +208,7 @@ HOSTILE = [
     Hostile("SIGKILL to its process group", "import os, signal\ndef f(x):\n    os.killpg(0, signal.SIGKILL)",
             "1", "rejected", "crash"),
     Hostile("SIGKILL to the server", "import os, signal\ndef f(x):\n    os.kill(os.getppid(), signal.SIGKILL)",
-            "1", "rejected", "error", root_only=True),
+            "1", "rejected", "error", isolated_only=True),
     Hostile("segfault", "import ctypes\ndef f(x):\n    return ctypes.string_at(0)", "1", "rejected", "crash"),
     # stdin
     Hostile("input()", "def f(x):\n    return input()", "1", "rejected", "error"),
@@ -230,8 +218,8 @@ HOSTILE = [
 
 @pytest.mark.parametrize("case", HOSTILE, ids=[h.name for h in HOSTILE])
 def test_hostile_program(case, safe, raw, tmp_path):
-    if case.root_only and not IS_ROOT:
-        pytest.skip("this containment (uid drop, namespaces) needs the executor to run as root")
+    if case.isolated_only and not raw.isolated:
+        pytest.skip("this containment needs the namespaces, which the kernel refused here")
     program, input_str = case.program, case.input
     marker = tmp_path / "victim.txt"
     marker.write_text("still here")
@@ -244,7 +232,7 @@ def test_hostile_program(case, safe, raw, tmp_path):
         listener.settimeout(0.5)
         input_str = input_str.replace("PORT", str(listener.getsockname()[1]))
 
-    for ex, expected in ((safe, case.status), (raw, case.raw_status)):
+    for ex, expected in ((safe, case.status), (raw, raw_status_of(case, IS_ROOT))):
         if expected is None:
             continue
         result = ex.run(program, input_str)
@@ -286,7 +274,8 @@ def test_environment_is_scrubbed(raw, monkeypatch):
 def test_child_runs_unprivileged_in_a_fresh_directory(raw):
     result = raw.run("import os\ndef f(x):\n    return [os.getuid(), os.listdir('.'), os.getcwd()]", "1")
     uid, listing, cwd = parse_literal(result.value)
-    assert uid == 65534 and listing == [] and "azr-run-" in cwd
+    # in the namespaces the working directories are all there is in a fresh /tmp
+    assert uid == 65534 and listing == [] and (cwd.startswith("/tmp/") if raw.isolated else "azr-run-" in cwd)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -367,12 +356,12 @@ def test_hung_server_counts_as_a_crash_and_is_replaced(monkeypatch):
     monkeypatch.setattr(sandbox, "_SERVER_GRACE_S", 1.0)
     with Executor(timeout_s=0.5, workers=1) as ex:
         assert_still_healthy(ex)
-        os.kill(ex._servers[0].proc.pid, signal.SIGSTOP)
+        os.killpg(ex._servers[0].proc.pid, signal.SIGSTOP)   # its process group: the server and its pid 1
         start = time.monotonic()
         result = ex.run(*CLEAN[:2])
         assert result.status == "crash" and "died" in result.error and time.monotonic() - start < 5
         assert_still_healthy(ex)
-        assert _stray_processes() == []
+        assert stray_processes(PROGRAM_UID) == []
 
 
 def test_an_interrupted_call_leaves_no_stale_reply(monkeypatch):
@@ -449,7 +438,8 @@ def test_compiling_model_code_prints_no_warnings_in_the_trainer():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[1], timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""
+    # the executor's one start-up line, and nothing else
+    assert [line for line in done.stderr.splitlines() if not line.startswith("[executor] jail: ")] == []
 
 
 def test_text_codecs_are_preloaded(safe):
@@ -571,7 +561,243 @@ def test_stray_process_check_sees_a_leftover():
     leftover = subprocess.Popen(["sleep", "30"], preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
     try:
         time.sleep(0.2)
-        assert any(pid == leftover.pid for pid, _ in _stray_processes())
+        assert any(pid == leftover.pid for pid, _ in stray_processes(PROGRAM_UID))
     finally:
         leftover.kill()
         leftover.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# The jail as a user: an executor started by an ordinary user, as on a student's laptop. CI runs as
+# root, so the tests start tests/jail_as_a_user.py with a throwaway uid, which has a home folder of
+# its own with a secret in it, and reads executor.py and sandbox.py from a copy it can reach.
+# --------------------------------------------------------------------------------------------------
+
+# Files a program tries to leave behind: the scratch folders, and the run root beside its working
+# directory (the working directory itself is removed with it)
+USER_MARKERS = ("/tmp/azr_user_marker", "/var/tmp/azr_user_marker", "/dev/shm/azr_user_marker", "../azr_user_marker")
+
+# What only the namespaces stop, with the static check off: (name, program, input, status, value).
+# HOME and SECRET are the user's home folder and a file in it; MY_PID is the worker, a process of
+# the same uid outside the jail.
+USER_PROBES = [
+    ("read a file in the home folder", "def f(path):\n    return open(path).read()", "SECRET", "error", None),
+    ("list the home folder", "import os\ndef f(path):\n    return os.listdir(path)", "HOME", "ok", "[]"),
+    ("write into the home folder", "def f(path):\n    open(path + '/planted.txt', 'w').write('x')\n    return 1",
+     "HOME", "error", None),
+    ("the home folder through /proc of a process outside",
+     "def f(pid, path):\n    return open(f'/proc/{pid}/root{path}').read()", "MY_PID, SECRET", "error", None),
+    ("signal a process outside", "import os\ndef f(pid):\n    os.kill(pid, 0)\n    return 1", "MY_PID", "error", None),
+    ("connect to the internet",
+     "import socket\ndef f(x):\n    socket.create_connection(('1.1.1.1', 53), timeout=0.3)\n    return 1", "1",
+     "error", None),
+    ("unmount the hidden home folder",
+     "import ctypes\ndef f(path):\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+     "    return [libc.umount2(path.encode(), 2), ctypes.get_errno()]", "HOME", "ok", "[-1, 1]"),   # EPERM
+    ("unmount it from a user namespace of its own",   # the copied mounts are locked there
+     "import ctypes, os\ndef f(path):\n    libc = ctypes.CDLL(None, use_errno=True)\n"
+     "    libc.unshare(0x10000000 | 0x20000)\n    libc.umount2(path.encode(), 2)\n    return os.listdir(path)",
+     "HOME", "ok", "[]"),
+    ("write beside the working directory",
+     f"def f(x):\n    for path in {USER_MARKERS!r}:\n        try:\n            open(path, 'w').write('x')\n"
+     "        except OSError:\n            pass\n    return 1", "1", "ok", "1"),
+    ("nothing of it is there for the next call",
+     f"import os\ndef f(x):\n    return [path for path in {USER_MARKERS!r} if os.path.exists(path)]", "1", "ok", "[]"),
+]
+
+
+def _throwaway_uid() -> int:
+    """A uid with no user and no process: the tests' ordinary user."""
+    running = {p.uid for p in processes().values()}
+    for uid in range(54321, 54421):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            if uid not in running:
+                return uid
+    pytest.skip("no free uid for an ordinary user")
+
+
+def _as_uid(uid: int) -> dict:
+    return {"user": uid, "group": uid, "extra_groups": []}
+
+
+def _python_for(uid: int) -> str:
+    """An interpreter the uid can run: the trainer's, else the system's (the trainer's may be out of
+    its reach, under /root). The worker and the executor need only the standard library."""
+    for candidate in dict.fromkeys([sys.executable, shutil.which("python3"), "/usr/bin/python3"]):
+        if candidate is None:
+            continue
+        check = [candidate, "-c", "import sys; assert sys.version_info >= (3, 10)"]
+        try:
+            if subprocess.run(check, capture_output=True, cwd="/", **_as_uid(uid)).returncode == 0:
+                return candidate
+        except OSError:                                 # cannot even be started by that uid
+            pass
+    pytest.skip("no Python the ordinary user can run")
+
+
+def _folder_a_user_can_reach() -> Path:
+    """A fresh folder outside /tmp, /var/tmp, /dev/shm and /root, which the jail hides anyway: the home
+    folder in it must be hidden as a home folder."""
+    for parent in ("/home", "/srv", "/opt", "/var/lib"):
+        if os.path.isdir(parent) and os.stat(parent).st_mode & 0o001:
+            folder = Path(tempfile.mkdtemp(prefix="azr-user-test-", dir=parent))
+            folder.chmod(0o755)
+            return folder
+    pytest.skip("no folder for an ordinary user's home")
+
+
+@dataclass
+class User:
+    uid: int
+    home: Path
+    secret: Path
+    python: str
+    code: Path
+
+    def run(self, request: dict, port: int) -> tuple[dict, str]:
+        """jail_as_a_user.py as this user: (its report, its stderr)."""
+        for job in request["jobs"]:
+            job["input"] = (job["input"].replace("SECRET", repr(str(self.secret))).replace("HOME", repr(str(self.home)))
+                            .replace("MARKER", str(self.secret)).replace("PORT", str(port)))
+        done = subprocess.run([self.python, str(self.code / "jail_as_a_user.py"), str(self.code)],
+                              input=json.dumps(request), capture_output=True, text=True, timeout=300,
+                              env={"HOME": str(self.home), "PATH": os.defpath, "LC_ALL": "C.UTF-8"},
+                              cwd=str(self.code), **_as_uid(self.uid))
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout), done.stderr
+
+
+@pytest.fixture(scope="module")
+def user():
+    if not IS_ROOT:
+        pytest.skip("started as an ordinary user, the tests above already run the user's jail")
+    uid = _throwaway_uid()
+    python = _python_for(uid)
+    folder = _folder_a_user_can_reach()
+    try:
+        code, home = folder / "code", folder / "home"
+        code.mkdir()
+        for source in (ROOT / "executor.py", ROOT / "sandbox.py", Path(__file__).with_name("jail_as_a_user.py")):
+            shutil.copy(source, code)
+            (code / source.name).chmod(0o644)
+        home.mkdir(mode=0o700)
+        secret = home / "secret.txt"
+        secret.write_text("hunter2")
+        for path in (home, secret):
+            os.chown(path, uid, uid)
+        yield User(uid, home, secret, python, code)
+        assert [pid for pid, p in processes().items() if p.uid == uid] == []   # nothing outlives the worker
+    finally:
+        shutil.rmtree(folder)
+
+
+@pytest.fixture
+def listener():
+    """A socket on the loopback that no jailed program may reach."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.settimeout(0.1)
+        yield sock
+
+
+def _job(name: str, program: str, input_str: str, check_safety: bool, isolated_only: bool = False) -> dict:
+    return {"name": name, "program": program, "input": input_str, "check_safety": check_safety,
+            "isolated_only": isolated_only}
+
+
+@pytest.fixture(scope="module")
+def as_a_user(user):
+    """One worker for every check below: the hostile programs with the static check on and off, the
+    probes, and all of CRUXEval. Returns its report and its stderr."""
+    jobs = []
+    for case in HOSTILE:
+        if case.status is not None:
+            jobs.append(_job(f"{case.name} [static check]", case.program, case.input, True))
+        if raw_status_of(case, as_root=False) is not None:
+            jobs.append(_job(f"{case.name} [no static check]", case.program, case.input, False, case.isolated_only))
+    for name, program, input_str, _, _ in USER_PROBES:
+        jobs.append(_job(name, program, input_str, False, isolated_only=True))
+    rows = [json.loads(line) for line in CRUXEVAL.read_text().splitlines()] if CRUXEVAL.exists() else []
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        sock.settimeout(0.1)
+        report, stderr = user.run({"jobs": jobs, "cruxeval": rows}, sock.getsockname()[1])
+        with pytest.raises(socket.timeout):   # no program reached the loopback
+            sock.accept()
+    return report, stderr
+
+
+def _needs_user_namespaces(report: dict) -> None:
+    """Skip where the kernel refuses the ordinary user its namespaces; fail where it allows them and
+    the executor still runs without."""
+    if not report["user_namespaces"]:
+        pytest.skip("this kernel refuses user namespaces to ordinary users")
+    assert report["isolated"], report["layers"]
+
+
+@pytest.mark.parametrize("case", HOSTILE, ids=[h.name for h in HOSTILE])
+def test_hostile_program_as_a_user(case, as_a_user):
+    report, _ = as_a_user
+    for suffix, expected in (("[static check]", case.status), ("[no static check]", raw_status_of(case, False))):
+        if expected is None:
+            continue
+        if case.isolated_only and suffix == "[no static check]":
+            _needs_user_namespaces(report)
+        result = report["results"][f"{case.name} {suffix}"]
+        assert result["status"] == expected, result
+        assert result["healthy"] and result["stray"] == [], result
+
+
+def test_a_users_jail_hides_the_home_folder_and_the_network(as_a_user, user):
+    report, _ = as_a_user
+    _needs_user_namespaces(report)
+    for name, _, _, status, value in USER_PROBES:
+        result = report["results"][name]
+        assert result["status"] == status and (value is None or result["value"] == value), (name, result)
+        assert result["healthy"] and result["stray"] == [], (name, result)
+    # and nothing reached the real machine
+    assert user.secret.read_text() == "hunter2" and sorted(os.listdir(user.home)) == ["secret.txt"]
+    for marker in USER_MARKERS[:3] + ("/tmp/azr_escape_marker",):
+        assert not Path(marker).exists(), marker
+
+
+def test_a_users_jail_announces_its_layers_once(as_a_user, user):
+    report, stderr = as_a_user
+    _needs_user_namespaces(report)
+    lines = stderr.splitlines()
+    # three executors, two kinds of jail (static check on and off): one line each
+    assert len(lines) == 2 and all(line.startswith("[executor] jail: ") for line in lines), stderr
+    for layer in ("user namespace without capabilities", "no network", "own process ids", "read-only file system",
+                  f"hidden: {user.home}"):
+        assert any(layer in reported for reported in report["layers"]), (layer, report["layers"])
+        assert all(layer in line for line in lines), (layer, stderr)
+    assert "static check" in report["safe_layers"] and "static check" not in report["layers"]
+
+
+def test_a_user_validates_all_of_cruxeval(as_a_user):
+    report, _ = as_a_user
+    if "cruxeval_wrong" not in report:
+        pytest.skip(f"CRUXEval not found at {CRUXEVAL}")
+    assert report["cruxeval_wrong"] == []
+
+
+def test_a_user_has_no_process_left_after_close(as_a_user):
+    report, _ = as_a_user
+    assert report["left_after_close"] == []
+
+
+def test_a_user_is_told_when_the_kernel_refuses_the_namespaces(user, listener):
+    """The fallback: the worker nests user namespaces until the kernel refuses one more, so that the
+    executor meets a real refusal. The start-up line says so, and it is true: the loopback is reached."""
+    connect = ("import socket\ndef f(port):\n    socket.create_connection(('127.0.0.1', port), timeout=0.5)\n"
+               "    return 'connected'")
+    report, stderr = user.run({"jobs": [_job("socket", connect, "PORT", False)], "refuse": True},
+                              listener.getsockname()[1])
+    assert not report["isolated"] and "no network" not in report["layers"]
+    assert f"NOT ISOLATED (the kernel refused a user namespace: {report['refused']})" in stderr, stderr
+    assert "can reach this user's files and processes and the network" in stderr
+    assert report["results"]["socket"]["value"] == "'connected'"
