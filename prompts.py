@@ -177,8 +177,11 @@ SYSTEM = (
 )
 
 ARGS_RULE = "The input is the argument list of one call, as Python literals: `[1, 2], 'ab'` means f([1, 2], 'ab')."
-# The solvers' version has no literal in it: after an empty <think>, a literal of the instructions
-# became the trained model's default guess (40 of 64 CRUXEval-I answers at step 30 were `[1, 2], 'ab'`).
+# The abduction solver's version has no literal in it: after an empty <think>, the literal of the
+# instructions became the trained model's default guess (40 of 64 CRUXEval-I answers at step 30
+# were `[1, 2], 'ab'`; at step 0, 9 of 32 bench_play answers, and 0 with this rule). The induction
+# solver writes a program, not a value, and keeps ARGS_RULE: with this rule its well-formed share
+# fell from 69% to 47% (n = 32, bench_play).
 CALL_RULE = ("An input is written as the arguments stand between the parentheses of a call f(...): Python "
              "literals, separated by commas when f takes more than one.")
 # A short list the proposer may import (the executor allows all of ALLOWED_MODULES and refuses the rest).
@@ -393,7 +396,7 @@ def _abduction_request(task: Triplet) -> str:
 def _induction_solve_request(task: InductionTask) -> str:
     pairs = "\n\n".join(f"{_block('input', i)}\n{_block('output', o)}" for i, o in task.visible)
     return (
-        f"Write the Python function `f` that produced these outputs from these inputs. {CALL_RULE}\n\n"
+        f"Write the Python function `f` that produced these outputs from these inputs. {ARGS_RULE}\n\n"
         f"Hint from the author: {task.message}\n\n{pairs}\n\n"
         "Your function is checked on other inputs of the same kind, so write the general rule, not "
         "a lookup table. " + _reply("Reason", "give the function in one python block")

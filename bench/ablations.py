@@ -42,6 +42,7 @@ RECIPES = {
     "before": ["--loss-agg", "seq-mean-token-mean"],
     "token-mean": [],
     "rollouts": ["--train-rollouts"],
+    "examples": ["--worked-examples", "3"],
     "official-rule": ["--reward-rule", "official"],
     "lr-2e-4": ["--lr", "2e-4"],
     "all-layers": ["--lora-layers", "0"],

@@ -147,9 +147,11 @@ def test_training_on_the_learnability_rollouts():
     assert m["trained/deduction/solve"] == 4 and m["trained/induction/solve"] == 4   # 2 + 2 rollouts
     assert m["trained/deduction/propose"] == 2
     assert m["accuracy/deduction"] == 0.5                           # the solve batch alone, as before
-    # the pool's diversity signals: no valid proposal borrows the worked example; new tasks first, so
-    # each type's two solve tasks are different
-    assert m["example_reuse"] == 0.0 and m["solve_repeats"] == 0.0
+    # the pool's diversity signals: no valid proposal borrows the worked example; a solve batch drawn
+    # from a one-task buffer after the new task repeats tasks
+    assert m["example_reuse"] == 0.0
+    batch = [(e.request.task_type, e.request.task) for e in episodes if e.request.phase == "solve"]
+    assert m["solve_repeats"] == sum(pair in batch[:k] for k, pair in enumerate(batch)) / len(batch) > 0
 
 
 def test_zero_advantages_are_not_trained():

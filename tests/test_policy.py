@@ -4,6 +4,7 @@ converted once into the cache. Tests marked slow load the real 0.5B model: pytes
 import hashlib
 import math
 import sys
+import warnings
 
 import pytest
 import torch
@@ -344,14 +345,18 @@ def test_backward_stops_at_the_lowest_lora_layer():
     assert seen["grad"] is False  # nothing below layer 1 is part of the graph
 
 
-def lora_grads(p, prompt_ids, completion_ids):
-    """d(sum of log-probs)/d(LoRA weights), in training mode."""
+def logprobs_and_grads(p, prompt_ids, completion_ids, **kwargs):
+    """token_logprobs in training mode, and d(sum of log-probs)/d(LoRA weights)."""
     p.model.zero_grad(set_to_none=True)
-    logp, mask = p.token_logprobs(prompt_ids, completion_ids)
+    logp, mask = p.token_logprobs(prompt_ids, completion_ids, **kwargs)
     (logp * mask).sum().backward()
     grads = {n: q.grad.clone() for n, q in p.model.named_parameters() if q.grad is not None}
     p.model.zero_grad(set_to_none=True)
-    return grads
+    return logp.detach(), mask, grads
+
+
+def lora_grads(p, prompt_ids, completion_ids):
+    return logprobs_and_grads(p, prompt_ids, completion_ids)[2]
 
 
 def test_4bit_lora_samples_trains_and_samples_again_on_cpu():
@@ -383,6 +388,109 @@ def test_4bit_lora_samples_trains_and_samples_again_on_cpu():
     changed = {n for n, t in p.model.named_parameters() if not torch.equal(t, weights[n])}
     assert changed and all("lora_" in n for n in changed)
     assert [c.ids for c in greedy(p, PROMPTS[:2], n=6)]  # and it samples again after the update
+
+
+# --- the shared prefix in the update -----------------------------------------------------------------
+
+
+@pytest.fixture
+def fast_load(tiny, monkeypatch):
+    """load_policy("tiny", ...) in a second instead of four: the tokenizer is the tiny fixture's."""
+    monkeypatch.setattr(policy, "load_tokenizer", lambda name: tiny.tokenizer)
+
+
+def randomize_lora(p, seed=1):
+    """LoRA's B starts at zero, so the adapter would change no log-prob and A would get no gradient.
+    Random weights make the prefix's keys and values depend on the adapter, as after training."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, weight in p.model.named_parameters():
+            if "lora_B" in name:
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+
+
+def two_kinds(p):
+    """Prompts of two kinds (a system message and a worked example of 100+ tokens each, then requests
+    of different lengths: A0, B0, A1, B1) and a short prompt of no kind, with completions of 2 to 6
+    tokens."""
+    chats = [Chat(user=f"task {k}" + " y" * (4 * k), system="Rules.",
+                  examples=((f"Example {kind}: " + "x = 1; " * 20, "ok " * 9),)) for k in range(2) for kind in "AB"]
+    prompt_ids = [p.encode(p.format_chat(c.messages())) for c in chats] + [p.encode("def f(a):")]
+    completion_ids = [[100 + 7 * i + t for t in range(2 + i)] for i in range(len(prompt_ids))]
+    return prompt_ids, completion_ids
+
+
+# load_policy arguments; tolerance on log-probs (absolute) and on each LoRA gradient (relative norm).
+# bf16: one row alone against the left-padded batch the update ran before differs by 0.02 nats and
+# 0.8% on the gradients here (the order of sums changes bf16 roundings); the shared prefix must not
+# do worse.
+SHARED_PREFIX_CASES = {
+    "float32, checkpointing, LoRA on the top layer":
+        (dict(dtype="float32", gradient_checkpointing=True, lora_layers=1), 1e-5, 1e-4),
+    "float32, no checkpointing, LoRA on all layers": (dict(dtype="float32", gradient_checkpointing=False), 1e-5, 1e-4),
+    "bfloat16, checkpointing, LoRA on all layers": (dict(dtype="bfloat16", gradient_checkpointing=True), 5e-2, 2e-2),
+    "4-bit base, checkpointing, LoRA on all layers":
+        (dict(load_in_4bit=True, device="cpu", dtype="float32", gradient_checkpointing=True), 1e-5, 1e-4),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_PREFIX_CASES))
+def test_shared_prefix_gives_the_unshared_logprobs_and_gradients(case, fast_load):
+    """The update runs each group's prefix once and each row's own tokens on top (PrefixCache); log-
+    probs and LoRA gradients equal those of every row run alone from its first token: for two kinds
+    and a lone row of different lengths, and for a micro-batch whose rows share no prefix."""
+    kwargs, logp_tol, grad_tol = SHARED_PREFIX_CASES[case]
+    if kwargs.get("load_in_4bit"):
+        pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed")
+    p = load_policy("tiny", seed=0, **kwargs)
+    randomize_lora(p)
+    prompt_ids, completion_ids = two_kinds(p)
+    batches = [[0, 1, 2, 3, 4], [4, 1, 0]]  # A0 B0 A1 B1 and a lone row; A0, B0 and the lone row
+    if kwargs["dtype"] == "bfloat16":
+        # A bf16 vocabulary projection takes 2 s to backward on a CPU without bf16 instructions; the
+        # float32 and 4-bit cases cover the micro-batch without a shared prefix.
+        batches = batches[:1]
+    for batch in batches:
+        prompts_, completions = [prompt_ids[i] for i in batch], [completion_ids[i] for i in batch]
+        logp, mask, grads = logprobs_and_grads(p, prompts_, completions)
+        want_logp, want_mask, want_grads = logprobs_and_grads(p, prompts_, completions, share_prefix=False)
+        assert torch.equal(mask, want_mask) and logp.dtype == torch.float32
+        torch.testing.assert_close(logp, want_logp, atol=logp_tol, rtol=0)
+        assert grads.keys() == want_grads.keys() and grads
+        for name, want in want_grads.items():
+            assert (grads[name] - want).norm() <= grad_tol * want.norm(), name
+
+
+def test_the_update_runs_each_shared_prefix_once_and_pads_nothing(fast_load):
+    p = load_policy("tiny", seed=0, dtype="float32")
+    prompt_ids, completion_ids = two_kinds(p)
+    runs = []
+    decoder = p.model.get_base_model().get_decoder()
+    hook = decoder.register_forward_pre_hook(
+        lambda module, args, kwargs: runs.append((kwargs["input_ids"].shape, kwargs.get("attention_mask"))),
+        with_kwargs=True)
+    try:
+        with torch.no_grad():
+            p.token_logprobs(prompt_ids, completion_ids)
+    finally:
+        hook.remove()
+    assert all(shape[0] == 1 and mask is None for shape, mask in runs)  # one row at a time, no padding
+    common = [next(k for k, (x, y) in enumerate(zip(prompt_ids[a], prompt_ids[b])) if x != y)
+              for a, b in ((0, 2), (1, 3))]  # the tokens A0 and A1 share, and B0 and B1
+    assert min(common) > 100  # the system message and the worked example
+    every_row_alone = sum(len(p_) + len(c) for p_, c in zip(prompt_ids, completion_ids))
+    assert sum(shape[1] for shape, _ in runs) == every_row_alone - sum(common)  # each kind's prefix once, not twice
+
+
+def test_loading_sampling_and_updating_raise_no_future_warning(fast_load):
+    """transformers renamed past_key_values (cache) and is_gradient_checkpointing; the old names warn
+    now and break later."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        p = load_policy("tiny", seed=0, gradient_checkpointing=True)
+        [c] = greedy(p, PROMPTS[:1], n=3)
+        logp, mask = p.token_logprobs([c.prompt_ids] * 2, [c.ids, c.ids[:1]])
+        logp.sum().backward()
 
 
 # --- the config -----------------------------------------------------------------------------------
