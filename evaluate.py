@@ -339,6 +339,10 @@ def load_model(model: str | None, adapter: str | None, dtype: str, device: str) 
         except azr_mini.CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
         peft.set_peft_model_state_dict(policy.model, weights)
+    if not cfg.load_in_4bit:
+        # Evaluation never trains: fold the adapter into the weights, W + (alpha / r) B A, so that the
+        # forward pass runs no LoRA (a 4-bit base cannot take the sum, and keeps its adapter).
+        policy.model.merge_adapter()
     return policy, info
 
 

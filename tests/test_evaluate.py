@@ -5,6 +5,7 @@ import gzip
 import json
 
 import pytest
+import torch
 
 import azr_mini
 import evaluate as ev
@@ -210,6 +211,15 @@ def test_an_adapter_from_a_run_is_loaded_with_its_step_and_weights(tmp_path, one
     loaded = peft.get_peft_model_state_dict(policy.model)
     assert saved.keys() == loaded.keys() and all((saved[k] == loaded[k]).all() for k in saved)
     assert any(saved[k].abs().sum() > 0 for k in saved if "lora_B" in k)   # trained, not the zero init
+    # the adapter is folded into the weights, and answers as the unmerged adapter does
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        merged = policy.model(input_ids=ids).logits
+        policy.model.unmerge_adapter()
+        unmerged = policy.model(input_ids=ids).logits
+        with policy.model.disable_adapter():
+            base = policy.model(input_ids=ids).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5) and not torch.allclose(merged, base, atol=1e-5)
     with pytest.raises(SystemExit, match="not a checkpoint folder"):
         ev.load_model(None, str(tmp_path), "auto", "cpu")
 
