@@ -39,21 +39,21 @@ from rewards import check_proposals, grade  # noqa: E402
 CORRECT, WRONG, FORMAT_ERROR, VALID, INVALID = "correct", "wrong", "format error", "valid", "invalid"
 
 
-def read_records(path: Path) -> tuple[str, list[dict]]:
-    """(kind of file, records of {row, task_type, role, completion, task, id}) from one file."""
+def read_records(path: Path) -> tuple[dict | None, list[dict]]:
+    """(the evaluate.py report, or None for a samples file; records of {row, task_type, role,
+    completion, task, id}) from one file."""
     if path.suffix == ".json":                               # an evaluate.py report
         report = json.loads(path.read_text())
-        return "report", [{"row": f"{report['bench']}", "id": item["id"], "completion": item["completion"]}
-                          for item in report["items"]]
+        return report, [{"row": report["bench"], "id": item["id"], "completion": item["completion"]}
+                        for item in report["items"]]
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     for r in records:
         r.setdefault("row", f"{r['role']}/{r['task_type']}")
-    return "samples", records
+    return None, records
 
 
-def verdicts_of_report(executor, path: Path, records: list[dict], parse) -> list[tuple[object, str]]:
+def verdicts_of_report(executor, report: dict, records: list[dict], parse) -> list[tuple[object, str]]:
     """(reading, verdict) per item of an evaluate.py report, with its benchmark items loaded again."""
-    report = json.loads(path.read_text())
     items = {item.id: item for item in evaluate.load_bench(report["bench"], report.get("data"), report["limit"])}
     chosen = [items[r["id"]] for r in records]
     graded = evaluate.grade_outcomes(executor, chosen, [r["completion"] for r in records], parse=parse)
@@ -101,11 +101,11 @@ def main() -> None:
             path = Path(name)
             if not path.is_file():
                 raise SystemExit(f"error: {path}: no such file")
-            kind, records = read_records(path)
+            report, records = read_records(path)
             verdicts = {}
             for version, module in versions.items():
-                if kind == "report":
-                    verdicts[version] = verdicts_of_report(executor, path, records,
+                if report is not None:
+                    verdicts[version] = verdicts_of_report(executor, report, records,
                                                            lambda t, text, m=module: m.parse_solution(t, text))
                 else:
                     verdicts[version] = verdicts_of_samples(executor, records, module, args.n_inputs)
