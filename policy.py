@@ -16,7 +16,8 @@ Where it departs from the paper's setup:
   0.5B model trains LoRA adapters (optionally on a 4-bit base), and rollouts come from the model in
   the trainer's process - slower, but nothing else to install or start. The decoding loop does what
   matters on one machine: the prefix a batch's prompts share is computed once, each prompt's rest
-  is prefilled without padding, and a finished row leaves the batch at once. The update does the
+  is prefilled without padding, and a finished row leaves the batch at once, a waiting prompt
+  taking its place. The update does the
   same with gradients: a prompt prefix (system message, worked example) is run once for the rows of
   a micro-batch that share it, and each row's own tokens run on top, unpadded (PrefixCache).
 - The embedded default is a community GGUF repackaging of Qwen2.5-Coder-0.5B-Instruct (4-bit
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,11 +187,16 @@ def convert_gguf(gguf: Path, out_dir: Path, tokenizer_only: bool = False, tokeni
     return out_dir
 
 
+def embedded_model_dir() -> Path:
+    """Where the converted embedded model lives (whether or not it has been built yet)."""
+    return cache_root() / f"{EMBEDDED_NAME}-{EMBEDDED_SHA256[:8]}"  # new weights never reuse an old cache
+
+
 def embedded_dir(tokenizer_only: bool = False) -> Path:
     """The cached, converted embedded model (built on first use). With tokenizer_only, a folder that
     has at least the tokenizer: tests need only that, and it converts in seconds."""
-    name = f"{EMBEDDED_NAME}-{EMBEDDED_SHA256[:8]}"  # new weights never reuse an old cache
-    model_dir, tokenizer_dir = cache_root() / name, cache_root() / f"{name}-tokenizer"
+    model_dir = embedded_model_dir()
+    tokenizer_dir = model_dir.with_name(f"{model_dir.name}-tokenizer")
     if model_dir.is_dir():
         return model_dir
     if tokenizer_only and tokenizer_dir.is_dir():
@@ -246,18 +253,22 @@ def load_tokenizer(name: str = EMBEDDED) -> PreTrainedTokenizerBase:
     return from_pretrained(AutoTokenizer, name, resolve_model(name, tokenizer_only=True))
 
 
-def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen2ForCausalLM:
-    """A random-initialised 2-layer Qwen2 (hidden 64) sharing the real tokenizer: the whole pipeline
-    runs in seconds. Same seed, same weights."""
-    config = Qwen2Config(
+def tiny_config(tokenizer: PreTrainedTokenizerBase) -> Qwen2Config:
+    """The shape of the tiny model: a 2-layer Qwen2, hidden 64, with the real tokenizer's vocabulary."""
+    return Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         initializer_range=0.2,  # larger than usual so greedy outputs vary and tests compare something
         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def tiny_model(tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> Qwen2ForCausalLM:
+    """A random-initialised tiny model (tiny_config) sharing the real tokenizer: the whole pipeline
+    runs in seconds. Same seed, same weights."""
     torch.manual_seed(seed)
-    return Qwen2ForCausalLM(config).float()
+    return Qwen2ForCausalLM(tiny_config(tokenizer)).float()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,10 +293,15 @@ def length_sorted_batches(lengths: list[int], batch_size: int) -> list[list[int]
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+def prefix_order(rows: list[list[int]]) -> list[int]:
+    """Indices in the order of their rows' tokens: prompts that share a system message and worked
+    example become neighbours."""
+    return sorted(range(len(rows)), key=lambda i: rows[i])
+
+
 def prefix_sorted_batches(rows: list[list[int]], batch_size: int) -> list[list[int]]:
-    """Indices in the order of their rows' tokens (prompts that share a system message and worked
-    example become neighbours), cut into batches."""
-    order = sorted(range(len(rows)), key=lambda i: rows[i])
+    """Indices in prefix_order, cut into batches."""
+    order = prefix_order(rows)
     return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
 
 
@@ -308,7 +324,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, greedy: 
             sorted_logits, order = logits.sort(dim=-1, descending=True)  # [a, V]
             sorted_probs = sorted_logits.softmax(-1)  # [a, V]
             before = sorted_probs.cumsum(-1) - sorted_probs  # [a, V] the mass above each token
-            sorted_logits[before >= top_p] = -torch.inf  # the first token always stays
+            sorted_logits.masked_fill_(before >= top_p, -torch.inf)  # the first token always stays
             logits = torch.full_like(logits, -torch.inf).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)  # [a, V], 0 where top-p removed a token
     entropy = torch.special.entr(probs).sum(-1)  # [a]: -sum p log p, with 0 log 0 = 0
@@ -383,6 +399,63 @@ class PrefixCache(DynamicCache):
         return key_states, value_states
 
 
+class RunningBatch:
+    """The rows that `Policy.generate` decodes together, one token per row per step.
+
+    Their key/value caches are stacked into one, each row padded on the left to the longest, with an
+    attention mask that hides the padding; a row's positions count its own tokens only. A row that
+    finishes leaves (`keep`); prefilled prompts join (`add`) at the end, so the rows are in the order
+    they joined, and so are their random draws in sample_next: same seed, same outputs."""
+
+    def __init__(self, config: PreTrainedConfig):
+        self.config = config
+        self.rows: list[int] = []  # which prompt each row decodes
+        # Set by the first `add`; W is the common width.
+        self.cache: DynamicCache | None = None  # per layer [a, kv_heads, W, head_dim]
+        self.attention_mask: torch.Tensor | None = None  # [a, W]: 0 on padding, 1 on the row's tokens
+        self.logits: torch.Tensor | None = None  # [a, V]: the distribution of each row's next token
+
+    def add(self, rows: list[int], prefilled: list[tuple[DynamicCache, torch.Tensor]]) -> None:
+        """Prompts join: for each, its cache ([1, kv_heads, length, head_dim] per layer) and the logits
+        after its last token ([V]). Every row is padded on the left to the longest row; leading
+        columns that are padding in every running row (the rows that needed them have left) are cut."""
+        device = prefilled[0][1].device
+        blocks = [(self.cache, self.attention_mask, self.logits)] if self.rows else []  # the running rows
+        for cache, logits in prefilled:
+            mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=device)  # [1, length]
+            blocks.append((cache, mask, logits[None]))
+        width = max(int(mask.sum(1).max()) for _, mask, _ in blocks)  # the longest row, in tokens
+        # Built layer by layer, so that the keys and values are held twice at most: in the blocks and merged.
+        merged = DynamicCache(config=self.config)
+        for layer in range(len(prefilled[0][0].layers)):
+            keys, values = [], []
+            for cache, mask, _ in blocks:
+                pad = width - mask.shape[1]  # < 0 cuts leading columns, padding in every row of the block
+                keys.append(F.pad(cache.layers[layer].keys, (0, 0, pad, 0)))  # [b, kv_heads, width, head_dim]
+                values.append(F.pad(cache.layers[layer].values, (0, 0, pad, 0)))
+            merged.update(torch.cat(keys), torch.cat(values), layer)  # [a, kv_heads, width, head_dim] x2
+        self.cache = merged
+        masks = [F.pad(mask, (width - mask.shape[1], 0)) for _, mask, _ in blocks]  # [b, width] each
+        self.attention_mask = torch.cat(masks)  # [a, width]
+        self.logits = torch.cat([logits for _, _, logits in blocks])  # [a, V]
+        self.rows = self.rows + rows
+
+    def keep(self, keep: list[int]) -> None:
+        """Only the rows at positions `keep` stay; the others leave, and their caches with them."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.logits.device)
+        self.cache.batch_select_indices(index)
+        self.attention_mask, self.logits = self.attention_mask[index], self.logits[index]
+        self.rows = [self.rows[j] for j in keep]
+
+    def step(self, model: PreTrainedModel, tokens: torch.Tensor) -> None:
+        """Feed each row its next token (tokens [a]): one forward pass, the cache one column wider."""
+        positions = self.attention_mask.sum(1, keepdim=True)  # [a, 1]: the row's tokens so far
+        self.attention_mask = F.pad(self.attention_mask, (0, 1), value=1)  # [a, W + 1]
+        out = model(input_ids=tokens[:, None], attention_mask=self.attention_mask, position_ids=positions,
+                    cache=self.cache, use_cache=True)
+        self.logits = out.logits[:, -1]  # [a, V]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The policy
 
@@ -446,36 +519,41 @@ class Policy:
         gen_batch_size: int = 16,
         stop_strings: list[str] | None = None,
         desc: str | None = None,
+        refill: bool = True,
     ) -> list[Completion]:
         """Sample one completion per prompt (greedy=True: argmax decoding), in input order.
 
-        Prompts are sorted by their tokens, so that those of one kind are neighbours, and cut into
-        batches of at most gen_batch_size. In each batch:
-          1. the prefix all its prompts share (the chat template, the system message) is run once,
-             and so is the longer prefix each group of neighbours shares (a worked example); their
-             key/value caches are copied to the rows;
-          2. the rest of each prompt is run row by row (no padding to compute), and the rows' caches
-             are stacked, left-padded, with the padding masked;
-          3. then one token per step (sample_next) for the rows still running. A row that ends, at
-             EOS or at a stop string such as "</answer>", leaves the batch and its cache at once, so
-             it costs nothing more.
+        Prompts are sorted by their tokens, so that those of one kind are neighbours, and decoded
+        together, at most gen_batch_size at a time:
+          1. the prefix all prompts share (the chat template, the system message) is run once, and so
+             is the longer prefix each group of neighbours shares (a worked example); the rest of each
+             prompt is run alone on a copy of that cache, no padding to compute (`_prefill`);
+          2. the prompts' caches join the running batch, left-padded, the padding masked (RunningBatch);
+          3. then one token per step (sample_next) for the rows running. A row that ends, at EOS, at a
+             stop string such as "</answer>" or at max_new_tokens, leaves the batch and its cache at
+             once, so it costs nothing more.
+        A step costs about as much for a few rows as for a full batch, so rows that finish early make
+        room for waiting prompts: once a quarter of the batch is free, the next ones are prefilled and
+        join (refill=True), instead of the last slow rows decoding alone. refill=False starts prompts
+        only when the batch is empty: batches one after the other (the benchmark's reference).
         The LoRA adapter is active: the policy samples its own rollouts. Same seed, same prompts, same
-        outputs. `desc` shows a progress bar of the tokens generated under that name."""
+        outputs; greedy outputs are those of each prompt decoded alone, up to float rounding. `desc`
+        shows a progress bar of the tokens generated under that name."""
         prompt_ids = [self.encode(p) for p in prompts]
+        order = prefix_order(prompt_ids)
+        rows = [prompt_ids[i] for i in order]
         stop_strings = stop_strings or []
         completions: list[Completion | None] = [None] * len(prompts)
         was_training = self.model.training
         self.model.eval()  # no LoRA dropout; checkpointing off, so the KV cache is used
         bar = tqdm(desc=desc, unit="tok", leave=False, dynamic_ncols=True, disable=desc is None)
         try:
-            for batch in prefix_sorted_batches(prompt_ids, gen_batch_size):
-                rows = [prompt_ids[i] for i in batch]
-                for i, (new_ids, entropies) in zip(batch, self._decode(rows, max_new_tokens, temperature, top_p,
-                                                                       greedy, stop_strings, bar)):
-                    completions[i] = self._finish(prompt_ids[i], new_ids, stop_strings)
-                    n = len(completions[i].ids)
-                    completions[i].entropy = sum(entropies[:n]) / n if n else None
-                bar.set_postfix_str(f"{sum(c is not None for c in completions)}/{len(prompts)} responses")
+            decoded = self._decode(rows, max_new_tokens, temperature, top_p, greedy, stop_strings,
+                                   gen_batch_size, refill, bar)
+            for i, (new_ids, entropies) in zip(order, decoded):
+                completions[i] = self._finish(prompt_ids[i], new_ids, stop_strings)
+                n = len(completions[i].ids)
+                completions[i].entropy = sum(entropies[:n]) / n if n else None
         finally:
             bar.close()
             self.model.train(was_training)
@@ -488,66 +566,64 @@ class Policy:
         out = self.model(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1)
         return out.logits[0, -1]  # [V]
 
-    def _decode(self, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
-                greedy: bool, stop_strings: list[str], bar: tqdm) -> list[tuple[list[int], list[float]]]:
-        """One batch: (new token ids, entropy per token) for each row; see generate."""
-        b, model = len(rows), self.model
-        prefix = DynamicCache(config=model.config)
+    def _prefill(self, rows: list[list[int]]) -> Iterator[tuple[DynamicCache, torch.Tensor]]:
+        """Each row's prompt run through the model, one row after the other, when decoding asks for
+        the next (a generator): its cache ([1, kv_heads, len(row), head_dim] per layer) and the
+        logits after its last token ([V]). The prefix all rows share runs once; the longer prefix
+        each group of neighbours shares (system message and worked example) runs once per group and
+        is kept until the group's last row is out; each row's own rest runs alone, so there is no
+        padding to compute and no mask to apply (padding cost a third of the prefill on a cpu-preset
+        step)."""
+        prefix = DynamicCache(config=self.model.config)
         shared = shared_prefix_length(rows)
-        if shared:  # 1. the shared prefix, once
+        if shared:
             self._extend(prefix, rows[0], 0, shared)
-        # 2. the longer prefix each group of rows shares (system message and worked example), once
-        #    per group; then each row's own rest, one row at a time: no padding to compute, no mask
-        #    to apply (padding cost a third of the prefill on a cpu-preset step).
-        first_logits, row_caches = [None] * b, [None] * b
         for members, group_shared in prefix_groups(rows, shared):
             group = prefix
             if group_shared > shared:
                 group = copy.deepcopy(prefix)
                 self._extend(group, rows[members[0]], shared, group_shared)
             for i in members:
-                cache = copy.deepcopy(group)  # [1, heads, group_shared, dim] per layer
-                first_logits[i] = self._extend(cache, rows[i], group_shared, len(rows[i]))  # [V]
-                row_caches[i] = list(cache)  # per layer (keys, values, _): [1, heads, len(row), dim]
-                bar.set_postfix_str(f"prompts read {sum(c is not None for c in row_caches)}/{b}")
-        bar.set_postfix_str(f"{b} rows decoding")
-        # ... then stacked, left-padded with zeros that the attention mask hides.
-        width = max(len(r) for r in rows)
-        layers = []
-        for layer in range(len(row_caches[0])):
-            keys = [F.pad(c[layer][0], (0, 0, width - len(r), 0)) for c, r in zip(row_caches, rows)]
-            values = [F.pad(c[layer][1], (0, 0, width - len(r), 0)) for c, r in zip(row_caches, rows)]
-            layers.append((torch.cat(keys), torch.cat(values)))  # [b, heads, width, dim] x2
-        cache = DynamicCache(ddp_cache_data=layers, config=model.config)
-        _, attention_mask = left_pad(rows, self.pad_id, self.device)  # [b, width]: 1 on each row's tokens
-        logits = torch.stack(first_logits)  # [b, V]
-        next_position = torch.tensor([[len(r)] for r in rows], device=self.device)  # [b, 1]
-        alive = list(range(b))  # the rows still running, in cache order
+                cache = copy.deepcopy(group)  # [1, kv_heads, group_shared, head_dim] per layer
+                logits = self._extend(cache, rows[i], group_shared, len(rows[i]))  # [V]
+                yield cache, logits
+
+    def _decode(self, rows: list[list[int]], max_new_tokens: int, temperature: float, top_p: float,
+                greedy: bool, stop_strings: list[str], gen_batch_size: int, refill: bool,
+                bar: tqdm) -> list[tuple[list[int], list[float]]]:
+        """(new token ids, entropy per token) for each row, rows in prefix order; see generate."""
+        prefills = self._prefill(rows)
+        batch = RunningBatch(self.model.config)
+        started = 0  # rows[:started] have joined the batch; the others wait
+        refill_at = max(1, gen_batch_size // 4)  # free slots that call for a refill (each costs a merge)
         out: list[tuple[list[int], list[float]]] = [([], []) for _ in rows]
         window = max((len(s) for s in stop_strings), default=0) + 1  # tokens: each is >= 1 character
-        for _ in range(max_new_tokens):  # 3. one token per running row
-            tokens, entropy = sample_next(logits, temperature, top_p, greedy)  # [a], [a]
-            keep = []
-            for j, (row, token, h) in enumerate(zip(alive, tokens.tolist(), entropy.tolist())):
+        while started < len(rows) or batch.rows:
+            free, waiting = gen_batch_size - len(batch.rows), len(rows) - started
+            if waiting and (not batch.rows or (refill and free >= min(refill_at, waiting))):
+                joining = list(range(started, started + min(free, waiting)))
+                batch.add(joining, [next(prefills) for _ in joining])
+                started += len(joining)
+            tokens, entropy = sample_next(batch.logits, temperature, top_p, greedy)  # [a], [a]
+            # The one wait for the device in a step: the host must see the tokens to decide which rows
+            # go on (EOS, stop strings). The entropies come along in the same copy (float64 holds
+            # every token id and every float32 entropy exactly).
+            sampled, entropies_now = torch.stack([tokens.double(), entropy.double()]).tolist()
+            keep = []  # positions in the batch of the rows that go on
+            for j, (row, token, h) in enumerate(zip(batch.rows, map(int, sampled), entropies_now)):
                 ids, entropies = out[row]
                 ids.append(token)
                 entropies.append(h)
                 tail = self.tokenizer.decode(ids[-window:], skip_special_tokens=True) if stop_strings else ""
-                if token not in self.eos_ids and not any(s in tail for s in stop_strings):
+                stopped = token in self.eos_ids or any(s in tail for s in stop_strings)
+                if not stopped and len(ids) < max_new_tokens:
                     keep.append(j)
-            bar.update(len(alive))
-            if not keep:
-                break
-            if len(keep) < len(alive):  # finished rows leave the batch
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                tokens, attention_mask, next_position = tokens[index], attention_mask[index], next_position[index]
-                alive = [alive[j] for j in keep]
-                bar.set_postfix_str(f"{len(alive)} of {b} rows decoding")
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(alive), 1)], 1)  # [a, L + 1]
-            logits = model(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=next_position,
-                           cache=cache, use_cache=True).logits[:, -1]  # [a, V]
-            next_position = next_position + 1
+            bar.set_postfix_str(f"{len(keep)} rows decoding, {len(rows) - started} waiting", refresh=False)
+            bar.update(len(batch.rows))
+            if len(keep) < len(batch.rows):  # finished rows leave the batch
+                batch.keep(keep)
+            if batch.rows:
+                batch.step(self.model, tokens[keep])
         return out
 
     def _finish(self, prompt_ids: list[int], new_ids: list[int], stop_strings: list[str]) -> Completion:
@@ -706,17 +782,37 @@ def keep_4bit_layout(model: torch.nn.Module) -> None:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# The CPU's bf16 matrix instructions, as torch names its checks for them.
+CPU_BF16_FEATURES = {"AVX512-BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
+
+
+def cpu_bf16_features() -> list[str]:
+    """Which of AVX512-BF16 and AMX this CPU has (torch's own checks; an older torch lacks them)."""
+    return [feature for feature, check in CPU_BF16_FEATURES.items() if getattr(torch.cpu, check, lambda: False)()]
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """--dtype: "auto" is bfloat16 on CUDA and on CPUs with bf16 matrix instructions (AVX512-BF16 or
     AMX), where it runs about twice as fast as float32 and takes half the memory; float32 elsewhere,
     where bf16 would be emulated and slow."""
     if dtype == "auto":
-        cpu_bf16 = any(getattr(torch.cpu, name, lambda: False)()
-                       for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-        return torch.bfloat16 if device.type == "cuda" or (device.type == "cpu" and cpu_bf16) else torch.float32
+        cpu_bf16 = device.type == "cpu" and bool(cpu_bf16_features())
+        return torch.bfloat16 if device.type == "cuda" or cpu_bf16 else torch.float32
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
+
+
+def describe_dtype(dtype: str, device: torch.device) -> str:
+    """The dtype --dtype gives on this device, and why: "CPU AVX2 without AVX512-BF16 or AMX -> float32"."""
+    chosen = str(resolve_dtype(dtype, device)).removeprefix("torch.")
+    if device.type == "cuda":
+        where = f"CUDA ({torch.cuda.get_device_name(device)})" if torch.cuda.is_available() else "CUDA"
+    else:
+        found = cpu_bf16_features()
+        where = f"CPU {torch.backends.cpu.get_cpu_capability()} " + (
+            f"with {' and '.join(found)}" if found else f"without {' or '.join(CPU_BF16_FEATURES)}")
+    return f"{where} -> {chosen}" + ("" if dtype == "auto" else f" (--dtype {dtype})")
 
 
 def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
@@ -728,7 +824,24 @@ def _contiguous_input(module: torch.nn.Module, args: tuple) -> tuple:
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():  # not torch's deep traceback
+        raise ValueError(f"--device {device}: this torch sees no CUDA GPU (a CPU-only build, or no driver); "
+                         "pass --device cpu, or install the torch build for your CUDA (pytorch.org)")
     return torch.device(device)
+
+
+def require_4bit_kernels(device: torch.device) -> None:
+    """--load-in-4bit on a GPU needs bitsandbytes' CUDA library. Without it (a CPU-only build, or one
+    that found no CUDA runtime) bitsandbytes imports fine and fails at the first 4-bit matrix product,
+    deep in a forward pass; say so before loading anything. On a CPU its CPU library does the work."""
+    require("bitsandbytes", "--load-in-4bit")
+    if device.type != "cuda":
+        return
+    from bitsandbytes.cextension import lib
+    if not getattr(lib, "compiled_with_cuda", False):
+        raise ValueError(f"--load-in-4bit on {device}: this bitsandbytes has no CUDA library loaded (see "
+                         "`python -m bitsandbytes`); install a CUDA build (pip install bitsandbytes on a machine "
+                         "with CUDA), or drop --load-in-4bit")
 
 
 def load_policy(
@@ -762,7 +875,7 @@ def load_policy(
     dtype = resolve_dtype(dtype, device)
     quantization = None
     if load_in_4bit:
-        require("bitsandbytes", "--load-in-4bit")
+        require_4bit_kernels(device)
         quantization = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,

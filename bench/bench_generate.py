@@ -17,9 +17,16 @@ within a process).
 (c) Log-prob memory at the gpu-8gb preset's shapes (micro-batch 4, 1k-token responses): peak RSS of
     one forward + backward with the vocabulary projected in one piece (as before issue 11) and in
     chunks of 64 positions (now).
+(d) Refills, on a seeding round's workload: 64 deduction proposer prompts, T = 1, up to 320 new
+    tokens, stop at "</answer>", batches of 16 (the cpu preset's). Useful tokens per second of
+    Policy.generate with refills (waiting prompts take the places of finished rows) and without
+    (batches one after the other, each until its longest row ends), taking turns, and the decoding
+    steps each took. The gain grows with the spread of response lengths: the random tiny model never
+    stops early, so it shows none.
 
     python bench/bench_generate.py                 # everything (about 30 minutes on 2 cores)
     python bench/bench_generate.py --only a --rounds 1 --new-tokens 32   # a quick look at (a)
+    python bench/bench_generate.py --only d --model tiny --rounds 1 --refill-new-tokens 32   # (d) runs
 """
 
 import argparse
@@ -40,13 +47,16 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import azr_mini  # noqa: E402
 from policy import left_pad, length_sorted_batches, load_policy  # noqa: E402
-from prompts import SEED_TRIPLET, STOP, THINK_PREFILL, Chat, InductionTask, Triplet, chat  # noqa: E402
+from prompts import DEDUCTION, SEED_TRIPLET, STOP, THINK_PREFILL, Chat, InductionTask, Triplet, chat  # noqa: E402
 
 # Before issue 11, Policy.generate was transformers' `generate` on the LoRA model in float32, prompts
 # left-padded in length-sorted batches, stopping at "</answer>": the "before" path re-creates it.
 PATHS = {"before: transformers generate, LoRA, float32": "before",
          "now: Policy.generate, --dtype auto": "auto",
          "reference: transformers generate, base model, float32": "plain"}
+# (d): Policy.generate, --dtype auto, with and without refills.
+REFILL_PATHS = {"refill: finished rows make room for waiting prompts": "auto",
+                "no refill: batches one after the other": "no-refill"}
 
 
 def peak_rss_gb() -> float:
@@ -80,13 +90,30 @@ def step_prompts(args) -> list[Chat]:
     return prompts
 
 
+def seed_prompts(args) -> list[Chat]:
+    """A seeding round's prompts: deduction proposers, each shown references from a two-triplet buffer."""
+    cfg = azr_mini.Config()
+    rng = __import__("random").Random(0)
+    reverse = Triplet("def f(s):\n    return s[::-1]", "'abc'", "'cba'")
+    buffers = {"deduction": [SEED_TRIPLET, reverse], "abduction": [SEED_TRIPLET], "induction": []}
+    requests = azr_mini.proposer_requests(buffers, rng, cfg, "seed", (DEDUCTION,), per_type=args.prompts)
+    return [r.prompt for r in requests]
+
+
 def generate_worker(args) -> None:
-    """One path of (a), in its own process; prints one JSON line."""
+    """One path of (a) or (d), in its own process; prints one JSON line."""
     torch.manual_seed(0)
-    dtype = "auto" if args.path == "auto" else "float32"
+    dtype = "float32" if args.path in ("before", "plain") else "auto"
     policy = load_policy(args.model, device="cpu", dtype=dtype, lora_layers=4)
-    prompts = [policy.format_chat(c.messages(), prefill=THINK_PREFILL) for c in step_prompts(args)][: args.prompts]
+    chats = seed_prompts(args) if args.workload == "seed" else step_prompts(args)
+    prompts = [policy.format_chat(c.messages(), prefill=THINK_PREFILL) for c in chats][: args.prompts]
     policy.generate(prompts[:1], max_new_tokens=2)  # warm-up
+    steps = []  # Policy.generate's decoding steps: the forward passes with an attention mask (a prefill has none)
+
+    def count_step(module, args_, kwargs):
+        if kwargs.get("attention_mask") is not None:
+            steps.append(kwargs["input_ids"].shape[0])
+
     start = time.time()
     if args.path in ("before", "plain"):  # transformers' generate, batched the same way
         with contextlib.ExitStack() as stack, torch.inference_mode():
@@ -104,13 +131,15 @@ def generate_worker(args) -> None:
                                      stop_strings=[STOP], tokenizer=policy.tokenizer)
                 kept += int((out[:, input_ids.shape[1]:] != policy.pad_id).sum())
     else:
+        policy.model.get_base_model().get_decoder().register_forward_pre_hook(count_step, with_kwargs=True)
         completions = policy.generate(prompts, max_new_tokens=args.new_tokens, gen_batch_size=args.batch,
-                                      stop_strings=[STOP])
+                                      stop_strings=[STOP], refill=args.path != "no-refill")
         kept = sum(len(c.ids) for c in completions)
     seconds = time.time() - start
     prompt_tokens = sum(len(policy.encode(p)) for p in prompts)
     print(json.dumps({"tokens": kept, "seconds": seconds, "prompts": len(prompts),
-                      "prompt_tokens": prompt_tokens, "rss_peak_gb": peak_rss_gb()}), flush=True)
+                      "prompt_tokens": prompt_tokens, "rss_peak_gb": peak_rss_gb(),
+                      "steps": len(steps), "rows_per_step": sum(steps) / max(len(steps), 1)}), flush=True)
 
 
 def update_worker(args) -> None:
@@ -147,31 +176,53 @@ def run_worker(args, *extra: str) -> dict | None:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def take_turns(args, paths: dict[str, list[str]]) -> dict[str, float]:
+    """Run each path's generate worker (label: its flags) args.rounds times, the paths taking turns;
+    print every run and the totals. Returns useful tokens per second by label."""
+    totals = {label: [0, 0.0, 0.0] for label in paths}  # tokens, seconds, peak RSS
+    for round_ in range(args.rounds):
+        for label, flags in paths.items():
+            r = run_worker(args, "--generate-worker", *flags)
+            if r is None:
+                continue
+            steps = f", {r['steps']} steps of {r['rows_per_step']:.1f} rows" if r["steps"] else ""
+            print(f"  round {round_ + 1} {label:>52}: {r['tokens']:5d} tokens in {r['seconds']:6.1f} s = "
+                  f"{r['tokens'] / r['seconds']:5.1f} useful tok/s, peak RSS {r['rss_peak_gb']:.1f} GB "
+                  f"(prompts: {r['prompt_tokens']} tokens{steps})", flush=True)
+            t = totals[label]
+            t[0], t[1], t[2] = t[0] + r["tokens"], t[1] + r["seconds"], max(t[2], r["rss_peak_gb"])
+    rates = {label: t[0] / t[1] for label, t in totals.items() if t[1]}
+    for label, rate in rates.items():
+        print(f"  all rounds {label:>52}: {rate:5.1f} useful tok/s, peak RSS {totals[label][2]:.1f} GB", flush=True)
+    return rates
+
+
 def bench_generation(args) -> None:
     print(f"(a) rollouts: {len(step_prompts(args)[: args.prompts])} prompts of a cpu-preset step, up to "
           f"{args.new_tokens} new tokens, T = 1, stop at {STOP!r}, batches of {args.batch_before} (before, "
           f"reference) and {args.batch} (now), "
           f"{args.rounds} round(s), paths taking turns", flush=True)
-    totals = {label: [0, 0.0, 0.0] for label in PATHS}  # tokens, seconds, peak RSS
-    for round_ in range(args.rounds):
-        for label, path in PATHS.items():
-            batch = args.batch if path == "auto" else args.batch_before
-            r = run_worker(args, "--generate-worker", "--path", path, "--new-tokens", str(args.new_tokens),
-                           "--batch", str(batch), "--prompts", str(args.prompts),
-                           *(["--from-run", args.from_run] if args.from_run else []))
-            if r is None:
-                continue
-            print(f"  round {round_ + 1} {label:>40}: {r['tokens']:5d} tokens in {r['seconds']:6.1f} s = "
-                  f"{r['tokens'] / r['seconds']:5.1f} useful tok/s, peak RSS {r['rss_peak_gb']:.1f} GB "
-                  f"(prompts: {r['prompt_tokens']} tokens)", flush=True)
-            t = totals[label]
-            t[0], t[1], t[2] = t[0] + r["tokens"], t[1] + r["seconds"], max(t[2], r["rss_peak_gb"])
-    rates = {label: t[0] / t[1] for label, t in totals.items() if t[1]}
-    for label, rate in rates.items():
-        print(f"  all rounds {label:>40}: {rate:5.1f} useful tok/s, peak RSS {totals[label][2]:.1f} GB", flush=True)
+    paths = {label: ["--path", path, "--new-tokens", str(args.new_tokens), "--prompts", str(args.prompts),
+                     "--batch", str(args.batch if path == "auto" else args.batch_before),
+                     *(["--from-run", args.from_run] if args.from_run else [])]
+             for label, path in PATHS.items()}
+    rates = take_turns(args, paths)
     before, now = list(PATHS)[:2]
     if before in rates and now in rates:
         print(f"  now / before: {rates[now] / rates[before]:.2f}x (target >= 3x)", flush=True)
+
+
+def bench_refill(args) -> None:
+    print(f"(d) refills: {args.prompts} deduction proposer prompts (a seeding round), up to "
+          f"{args.refill_new_tokens} new tokens, T = 1, stop at {STOP!r}, batches of {args.refill_batch}, "
+          f"{args.rounds} round(s), paths taking turns", flush=True)
+    paths = {label: ["--path", path, "--workload", "seed", "--new-tokens", str(args.refill_new_tokens),
+                     "--prompts", str(args.prompts), "--batch", str(args.refill_batch)]
+             for label, path in REFILL_PATHS.items()}
+    rates = take_turns(args, paths)
+    refill, batches = REFILL_PATHS
+    if refill in rates and batches in rates:
+        print(f"  refill / no refill: {rates[refill] / rates[batches]:.2f}x", flush=True)
 
 
 def bench_update(args) -> None:
@@ -215,7 +266,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default="embedded", help="see azr_mini.py --help")
-    parser.add_argument("--only", choices=("a", "b", "c"), help="run one part")
+    parser.add_argument("--only", choices=("a", "b", "c", "d"), help="run one part")
     parser.add_argument("--from-run", default="", help="replay the prompts of step 1 of this run")
     parser.add_argument("--prompts", type=int, default=64, help="at most this many prompts in (a)")
     parser.add_argument("--new-tokens", type=int, default=96, help="longest completion in (a)")
@@ -223,7 +274,10 @@ def main() -> None:
                         help="gen_batch_size of the new path in (a): the cpu preset's")
     parser.add_argument("--batch-before", type=int, default=16,
                         help="gen_batch_size of the before and reference paths: the cpu preset's before issue 11")
-    parser.add_argument("--rounds", type=int, default=2, help="times each path of (a) runs, taking turns")
+    parser.add_argument("--rounds", type=int, default=2, help="times each path of (a) and (d) runs, taking turns")
+    parser.add_argument("--refill-batch", type=int, default=16, help="gen_batch_size in (d): the cpu preset's")
+    parser.add_argument("--refill-new-tokens", type=int, default=azr_mini.Config().max_new_tokens,
+                        help="longest completion in (d)")
     parser.add_argument("--seqs", type=int, default=8, help="completions in the update (b)")
     parser.add_argument("--update-tokens", type=int, default=256, help="tokens per completion in (b)")
     parser.add_argument("--micro-batch", type=int, default=4, help="sequences per forward/backward in (b)")
@@ -231,6 +285,7 @@ def main() -> None:
     parser.add_argument("--generate-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--update-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--path", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument("--workload", default="step", choices=("step", "seed"), help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--lora-layers", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--logprob-chunk", type=int, default=0, help=argparse.SUPPRESS)
@@ -241,7 +296,7 @@ def main() -> None:
         return update_worker(args)
     print(f"bench_generate: model {args.model}, CPU, torch {torch.__version__}, {os.cpu_count()} cores, "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}", flush=True)
-    for part, run in (("a", bench_generation), ("b", bench_update), ("c", bench_logprob_memory)):
+    for part, run in (("a", bench_generation), ("b", bench_update), ("c", bench_logprob_memory), ("d", bench_refill)):
         if args.only in (None, part):
             run(args)
 

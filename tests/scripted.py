@@ -5,6 +5,7 @@ Run as a script it trains such a run, so that tests can kill a real trainer proc
     python tests/scripted.py --run-dir DIR --steps 3 [any azr_mini.py flag] [--resume DIR]
 """
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -58,10 +59,12 @@ class HalfScripted:
                 continue
             task_type, role = kind_of(prompt)
             n = len(prompt) % 50  # new programs for new prompts: a repeated one is a copy
+            asked = re.findall(r"Write (\d+) different inputs", prompt)   # induction proposers: N inputs
             text = {
                 (DEDUCTION, PROPOSE): answer(("python", f"def f(n):\n    return n * {n + 2}"), ("input", str(n))),
                 (ABDUCTION, PROPOSE): answer(("python", f"def f(n):\n    return n + {n + 3}"), ("input", str(n))),
-                (INDUCTION, PROPOSE): answer(*[("input", str(i)) for i in range(4)], ("message", "something")),
+                (INDUCTION, PROPOSE): answer(*[("input", str(i)) for i in range(int(asked[-1]) if asked else 4)],
+                                             ("message", "something")),
                 (DEDUCTION, SOLVE): answer(("output", "4")),
                 (ABDUCTION, SOLVE): answer(("input", "1")),
                 (INDUCTION, SOLVE): answer(("python", "def f(a):\n    return a")),

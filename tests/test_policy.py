@@ -237,6 +237,88 @@ def test_helpers():
     assert stop_end("a</x>b</y>", ["</y>", "</x>"]) == 5 and stop_end("abc", ["d"]) is None
 
 
+# --- refilling the batch ---------------------------------------------------------------------------
+
+# Prompts of different lengths, one of them twice (each copy gets its own completion). With every 8th
+# token id counted as an end of sequence (early_eos), the tiny model's rows end after 1 to 16 tokens.
+REFILL_PROMPTS = PROMPTS + ["def g(s):\n    return s[::-1]", "Hello", "import os", "for i in range(10):",
+                            "# a comment", "y = 2", "while True:", "class A:", "return 0", "1 + 1", "[1, 2, 3]", "x"]
+
+
+@pytest.fixture
+def early_eos(tiny, monkeypatch):
+    monkeypatch.setattr(tiny, "eos_ids", range(0, len(tiny.tokenizer), 8))  # a range answers `in` at once
+
+
+@pytest.fixture
+def joins(monkeypatch):
+    """For each time prompts join the batch, how many rows were decoding then (more than 0: a refill)."""
+    running = []
+    add = policy.RunningBatch.add
+
+    def recording_add(batch, rows, prefilled):
+        running.append(len(batch.rows))
+        add(batch, rows, prefilled)
+
+    monkeypatch.setattr(policy.RunningBatch, "add", recording_add)
+    return running
+
+
+def decoding_steps(p, prompts, **kwargs):
+    """generate's completions, and the rows of each decoding step: the forward passes that take an
+    attention mask (a prefill runs one row, unpadded, without one)."""
+    rows = []
+
+    def record(module, args, call):
+        if call.get("attention_mask") is not None:
+            rows.append(call["input_ids"].shape[0])
+
+    hook = p.model.get_base_model().get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        completions = p.generate(prompts, **kwargs)
+    finally:
+        hook.remove()
+    return completions, rows
+
+
+def test_refilled_sampling_is_reproducible_and_keeps_input_order(tiny, early_eos, joins):
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(123)
+        runs.append(tiny.generate(REFILL_PROMPTS, max_new_tokens=16, temperature=1.0, gen_batch_size=8))
+    assert [c.ids for c in runs[0]] == [c.ids for c in runs[1]]
+    assert [c.entropy for c in runs[0]] == [c.entropy for c in runs[1]]
+    assert len({len(c.ids) for c in runs[0]}) > 2  # rows of many lengths...
+    assert any(joins)  # ...so prompts joined a running batch
+    assert [c.prompt_ids for c in runs[0]] == [tiny.encode(x) for x in REFILL_PROMPTS]  # one each, in input order
+
+
+def test_refilled_greedy_matches_one_at_a_time(tiny, early_eos, joins):
+    alone = [greedy(tiny, [x], n=16)[0].ids for x in REFILL_PROMPTS]
+    assert min(map(len, alone)) == 1 and max(map(len, alone)) == 16
+    for refill in (True, False):
+        joins.clear()
+        batched = greedy(tiny, REFILL_PROMPTS, n=16, gen_batch_size=4, refill=refill)
+        assert any(joins) == refill  # refill=False: each batch starts once the last has ended
+        assert [c.prompt_ids for c in batched] == [tiny.encode(x) for x in REFILL_PROMPTS]  # one each, in input order
+        assert [c.ids for c in batched] == alone
+
+
+def test_refills_take_fewer_decoding_steps(tiny, early_eos):
+    """Batches one after the other each decode until their longest row ends; refilled, the batch
+    stays full while prompts wait. Either way each row costs one step per token after its first (the
+    prefill gives the first): a finished row costs nothing."""
+    kwargs = dict(max_new_tokens=16, greedy=True, gen_batch_size=4)
+    refilled, steps = decoding_steps(tiny, REFILL_PROMPTS, **kwargs)
+    batched, batch_steps = decoding_steps(tiny, REFILL_PROMPTS, refill=False, **kwargs)
+    lengths = [len(c.ids) for c in batched]
+    assert [c.ids for c in refilled] == [c.ids for c in batched]
+    assert sum(steps) == sum(batch_steps) == sum(n - 1 for n in lengths)
+    batches = policy.prefix_sorted_batches([tiny.encode(x) for x in REFILL_PROMPTS], 4)
+    assert len(batch_steps) == sum(max(lengths[i] for i in batch) - 1 for batch in batches)
+    assert max(steps) <= 4 and len(steps) < len(batch_steps)
+
+
 # --- log-probabilities and the update ---------------------------------------------------------------
 
 
