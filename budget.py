@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from policy import (EMBEDDED, TINY, Policy, describe_dtype, embedded_model_dir, load_tokenizer,
-                    resolve_device, resolve_dtype, tiny_config)
+from models import (EMBEDDED, TINY, describe_dtype, embedded_model_dir, load_tokenizer, resolve_device,
+                    resolve_dtype, tiny_config)
+from policy import Policy
 from prompts import SEED_TRIPLET, THINK_PREFILL, propose_deduction
 
 GB = 2**30
@@ -108,7 +109,7 @@ def model_shape(model: str) -> Shape | None:
 PROMPT_TOKENS = 600
 PROMPT_TOKENS_PER_REFERENCE = 50
 
-# nf4 with double quantization (policy.load_policy): 4 bits a weight, an 8-bit scale per block of
+# nf4 with double quantization (models.load_policy): 4 bits a weight, an 8-bit scale per block of
 # 64 weights, and a float32 scale per 256 blocks.
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 

@@ -47,6 +47,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import azr_mini
+from models import EMBEDDED
+from prompts import SOLVER_TEMPLATES, task_from_json
+from run import CheckpointError, RunLog, Timer, latest_checkpoint, read_adapter, read_state
 from executor import Executor
 from prompts import (ABDUCTION, DEDUCTION, INDUCTION, SEED_TRIPLET, STOP, TASK_TYPES, THINK_PREFILL, Chat,
                      Triplet, parse_solution, solve_code, solve_math)
@@ -124,7 +127,7 @@ def load_cruxeval(path: Path, limit: int | None, kind: str) -> list[Item]:
     items = []
     for k, row in enumerate(rows[:limit]):
         task = Triplet(row["code"], row["input"], row["output"])
-        prompt = azr_mini.SOLVER_TEMPLATES[kind](task)
+        prompt = SOLVER_TEMPLATES[kind](task)
         items.append(Item(row.get("id", f"cruxeval/{k}"), kind, prompt, task))
     return items
 
@@ -174,10 +177,10 @@ def load_selfplay(path: Path, limit: int | None) -> list[Item]:
         if kind not in TASK_TYPES:
             raise SystemExit(f"error: {path} line {k + 1}: unknown task_type {kind!r}")
         try:
-            task = azr_mini.task_from_json(kind, row["task"])
+            task = task_from_json(kind, row["task"])
         except (TypeError, KeyError, ValueError) as error:
             raise SystemExit(f"error: {path} line {k + 1}: not a {kind} task ({error})") from None
-        items.append(Item(f"selfplay/{k}/{kind}", kind, azr_mini.SOLVER_TEMPLATES[kind](task), task))
+        items.append(Item(f"selfplay/{k}/{kind}", kind, SOLVER_TEMPLATES[kind](task), task))
     return items
 
 
@@ -303,7 +306,7 @@ def find_checkpoint(adapter: str) -> Path:
     """A checkpoint folder, or a run folder (then its newest checkpoint)."""
     path = Path(adapter)
     if path.is_dir() and not (path / "state.json").exists():
-        newest = azr_mini.latest_checkpoint(path)
+        newest = latest_checkpoint(path)
         if newest is not None:
             return newest
     if not (path / "state.json").is_file():
@@ -318,12 +321,12 @@ def load_model(model: str | None, adapter: str | None, dtype: str, device: str) 
     changes nothing (LoRA's B starts at zero), so the base model is what answers."""
     import peft
     lora = {}
-    info = {"model": model or azr_mini.EMBEDDED, "adapter": None, "step": None}
+    info = {"model": model or EMBEDDED, "adapter": None, "step": None}
     if adapter:
         checkpoint = find_checkpoint(adapter)
         try:
-            state = azr_mini.read_state(checkpoint)
-        except azr_mini.CheckpointError as error:
+            state = read_state(checkpoint)
+        except CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
         saved = state["config"]
         lora = {k: saved[k] for k in ("lora_r", "lora_alpha", "lora_target_modules", "lora_layers", "load_in_4bit")}
@@ -335,8 +338,8 @@ def load_model(model: str | None, adapter: str | None, dtype: str, device: str) 
         raise SystemExit(f"error: {error}") from None
     if adapter:
         try:
-            weights = azr_mini.read_adapter(checkpoint, policy.device)
-        except azr_mini.CheckpointError as error:
+            weights = read_adapter(checkpoint, policy.device)
+        except CheckpointError as error:
             raise SystemExit(f"error: {error}") from None
         peft.set_peft_model_state_dict(policy.model, weights)
     if not cfg.load_in_4bit:
@@ -359,7 +362,7 @@ def make_selfplay(policy, executor: Executor, path: Path, per_type: int, seed: i
                           max_new_tokens=max_new_tokens)
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory() as tmp:
-        buffers = azr_mini.seed_buffers(policy, executor, rng, cfg, azr_mini.Timer(), azr_mini.RunLog(Path(tmp)))
+        buffers = azr_mini.seed_buffers(policy, executor, rng, cfg, Timer(), RunLog(Path(tmp)))
     by_type = {t: [task for task in buffers[t] if task != SEED_TRIPLET][:per_type] for t in TASK_TYPES}
     lines = []
     for k in range(per_type):

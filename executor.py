@@ -28,6 +28,11 @@ How one call runs (two layers):
     user namespace where the kernel allows one. The Executor prints the layers in place once, at
     start-up (`Executor.layers`). How each of these works is sandbox.py's docstring.
 
+This file imports sandbox.py (its Server, the job format and the two rules both layers apply:
+which modules may be imported, how long a message may be), never the other way: the servers run
+sandbox.py alone, and what they need of this file's lists and caps goes to them in their
+configuration (Executor.__init__).
+
 Determinism is checked in two interpreters started with different PYTHONHASHSEED values, so hash(),
 string-set order and the like differ between the two runs. So do addresses (id()): each server is
 a process of its own, laid out by the kernel's address-space randomisation (on by default in Linux).
@@ -50,22 +55,17 @@ from __future__ import annotations
 
 import ast
 import functools
-import marshal
 import math
 import os
+import queue
 import re
+import threading
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from sandbox import _Server
-
-# The warm servers load this file too (their program, sandbox.py, takes its limits and lists from
-# here), and every module a server imports makes each of its forks slower: the host-only modules are
-# imported inside Executor.__init__, never at the top. So is sandbox.py, which imports this file at
-# its top: importing it here as well would be a cycle.
+from sandbox import Server, make_job, module_allowed, shorten
 
 # --------------------------------------------------------------------------------------------------
 # Records and limits
@@ -135,8 +135,10 @@ BANNED_ATTRIBUTES = frozenset({
     "attrgetter", "methodcaller", "mro",
 })
 _DUNDER_IN_TEXT = re.compile(r"__[A-Za-z]\w*__")
-# This file and sandbox.py: the servers have both loaded, limits, lists and all.
+# This file and sandbox.py: the environment and the jail are no program's to import (the servers
+# have sandbox.py loaded).
 _OWN_MODULES = (__name__.split(".")[0], "sandbox")
+_REFUSED_MODULES = BANNED_MODULES + _OWN_MODULES
 
 
 def _is_dunder(name: str) -> bool:
@@ -145,9 +147,9 @@ def _is_dunder(name: str) -> bool:
 
 def _module_allowed(name: str) -> bool:
     """Banned modules, private ones (_thread, _posixsubprocess, __main__, ...), and executor.py
-    and sandbox.py themselves (_OWN_MODULES) are refused."""
-    parts = name.split(".")
-    return parts[0] not in BANNED_MODULES and parts[0] not in _OWN_MODULES and not any(p.startswith("_") for p in parts)
+    and sandbox.py themselves (_OWN_MODULES) are refused. The rule is sandbox.module_allowed, which
+    the import guard applies in the child too."""
+    return module_allowed(name, _REFUSED_MODULES)
 
 
 def _escape_attributes() -> frozenset[str]:
@@ -321,7 +323,7 @@ def _call_source(input_str: str) -> str:
 def _prepare(program: str, input_str: str, check_safety: bool) -> RunResult | bytes:
     """Everything the host decides before anything runs: size, syntax, safety of program and input.
     Returns the RunResult when the job cannot run, else the job for the child: the program and the
-    call f(input) compiled here and marshalled. Compiling in the host, once, spares both children
+    call f(input) compiled here (make_job). Compiling in the host, once, spares both children
     the parser and compiler, which cost about 0.6 ms of a call in a fresh fork (every page they
     touch is a copy-on-write fault). compile() only translates; nothing of the program runs here."""
     if not isinstance(program, str) or not isinstance(input_str, str):
@@ -355,11 +357,11 @@ def _prepare(program: str, input_str: str, check_safety: bool) -> RunResult | by
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
         message = exc.msg if isinstance(exc, SyntaxError) else f"{type(exc).__name__}: {exc}"
         return RunResult("error", None, _short(f"SyntaxError: {message}"), 0.0)
-    return marshal.dumps((code, call_code))
+    return make_job(code, call_code)
 
 
-def _short(text: str, limit: int = MAX_ERROR_CHARS) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def _short(text: str) -> str:
+    return shorten(text, MAX_ERROR_CHARS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -460,20 +462,20 @@ class Executor:
         self.limits = {"timeout_s": float(timeout_s), "memory_mb": int(memory_mb),
                        "max_output_chars": int(max_output_chars)}
         self.check_safety = check_safety
-        import queue
-        import threading
-        from concurrent.futures import ThreadPoolExecutor
-
-        from sandbox import _Server
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.calls = 0                          # child processes run (a validate() is two)
         self.statuses: Counter[str] = Counter()  # status of every result run() / validate() returned
         self._lock = threading.Lock()
-        self._slots: queue.SimpleQueue[tuple[_Server, _Server]] = queue.SimpleQueue()
-        self._servers: list[_Server] = []
-        config = {"limits": self.limits, "check_safety": check_safety}
+        self._slots: queue.SimpleQueue[tuple[Server, Server]] = queue.SimpleQueue()
+        self._servers: list[Server] = []
+        # What the servers need of this file's rules travels with them: sandbox.py imports nothing of
+        # this project (its serve() says what each entry is for).
+        config = {"limits": self.limits, "check_safety": check_safety,
+                  "allowed_modules": ALLOWED_MODULES, "refused_modules": _REFUSED_MODULES, "statuses": STATUSES,
+                  "caps": {"value_items": MAX_VALUE_ITEMS, "value_depth": MAX_VALUE_DEPTH,
+                           "value_chars": MAX_VALUE_CHARS, "error_chars": MAX_ERROR_CHARS}}
         for _ in range(self.workers):
-            pair = (_Server(HASH_SEEDS[0], config), _Server(HASH_SEEDS[1], config))
+            pair = (Server(HASH_SEEDS[0], config), Server(HASH_SEEDS[1], config))
             self._servers += pair
             self._slots.put(pair)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="executor")
@@ -507,6 +509,12 @@ class Executor:
         """True when the servers run in private namespaces (no network, own process ids, hidden home):
         as root, or as a user where the kernel allows user namespaces."""
         return all(s.isolated for s in self._servers if s.proc is not None)
+
+    @property
+    def servers(self) -> tuple[Server, ...]:
+        """The warm servers (sandbox.Server), two per worker, started or not: what the tests kill,
+        stop and look for."""
+        return tuple(self._servers)
 
     @property
     def layers(self) -> tuple[str, ...]:
@@ -558,14 +566,14 @@ class Executor:
         with self._lock:
             self.calls += runs
 
-    def _run_on(self, server: _Server, program: str, input_str: str) -> RunResult:
+    def _run_on(self, server: Server, program: str, input_str: str) -> RunResult:
         job = _prepare(program, input_str, self.check_safety)
         if isinstance(job, RunResult):                  # rejected or broken: nothing runs
             return job
         self._count_calls(1)
-        return server.call(job)
+        return RunResult(**server.call(job))
 
-    def _validate_on(self, pair: tuple[_Server, _Server], program: str, input_str: str) -> RunResult:
+    def _validate_on(self, pair: tuple[Server, Server], program: str, input_str: str) -> RunResult:
         # 1. integrity, first half (parses, compiles) and 2. safety (the static check): in the host
         job = _prepare(program, input_str, self.check_safety)
         if isinstance(job, RunResult):
@@ -575,7 +583,7 @@ class Executor:
         self._count_calls(2)
         for server in pair:
             server.send(job)
-        first, second = (server.receive() for server in pair)
+        first, second = (RunResult(**server.receive()) for server in pair)
         # 1. integrity, second half: the call returns a value within the limits, in both runs
         if first.status != "ok":
             return first

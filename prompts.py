@@ -37,21 +37,16 @@ Parsers return a small record, or None on a format error, and never raise: they 
 Where we depart from the official code (and why):
 - Prompts are written in our own words, and each comes after a system message and a worked
   example (the official prompts are one long user message with the rules and a layout). On the
-  embedded Qwen2.5-Coder-0.5B-Instruct this is what made the format stick. Measured with
-  bench/bench_play.py (T = 1, 320 new tokens, n = 32 per row; the README has the whole table),
-  well-formed responses went from 31/34/0% to 88/56/38% for the deduction/abduction/induction
-  proposers and from 31/19/9% to 75/97/56% for the solvers.
+  embedded Qwen2.5-Coder-0.5B-Instruct this is what made the format stick (bench/bench_play.py;
+  the README's "Does the model play the game at step 0?" has the figures of every lever below).
 - Deduction and abduction solvers answer the bare value inside <answer> (the official parser
-  accepts that too), and every request ends by asking for the closing "</answer>" (induction
-  solver, n = 16: 25% -> 62% well formed). The usual failure left is the chat model ending its turn
-  right after a code block.
+  accepts that too), and every request ends by asking for the closing "</answer>". The usual
+  failure left is the chat model ending its turn right after a code block.
 - The proposers' worked example shows a reference that is not the seed triplet: during seeding
   the real request shows the seed alone, and a request identical to the example's got the example's
-  answer back, a copy (1 new task in a seeding round of 64 proposals; 13 in 48 once it differed).
+  answer back, a copy.
 - The induction proposer writes its message block first and labels its inputs "Input 1:", ...
-  (text outside the fences is ignored): unlabelled, the model wrote one or two inputs too few
-  (n = 32: 3% -> 38% well formed). Tried without gain: numbering the plan in the example's think,
-  a second worked example, asking for N + 2 inputs, a stronger system message.
+  (text outside the fences is ignored): unlabelled, the model wrote one or two inputs too few.
 - The proposer is told a few modules it may import (PROMPT_MODULES); the executor refuses any
   module outside executor.ALLOWED_MODULES and everything in executor.BANNED_MODULES anyway. The
   official prompt lists banned keywords instead.
@@ -120,6 +115,21 @@ class InductionTask:
     message: str  # the proposer's one-line description of f
     visible: tuple[tuple[str, str], ...]  # (input, output) pairs shown to the solver
     hidden: tuple[tuple[str, str], ...]  # (input, output) pairs its program must reproduce
+
+
+def task_key(task: Triplet | InductionTask) -> tuple:
+    """What makes a task the same task (a buffer holds each once): its program and input(s)."""
+    if isinstance(task, Triplet):
+        return task.program, task.input
+    return task.program, tuple(i for i, _ in task.visible + task.hidden)
+
+
+def task_from_json(task_type: str, data: dict) -> Triplet | InductionTask:
+    """A task from its JSON form (dataclasses.asdict of it), as buffers, reports and samples store it."""
+    if task_type == INDUCTION:
+        return InductionTask(data["program"], data["message"], tuple(map(tuple, data["visible"])),
+                             tuple(map(tuple, data["hidden"])))
+    return Triplet(**data)
 
 
 @dataclass(frozen=True)
@@ -304,7 +314,7 @@ EXAMPLE_PROGRAM, EXAMPLE_INPUT = EXAMPLE.program, EXAMPLE.input
 # back, a copy (1 valid task in a 64-proposal seeding round).
 EXAMPLE_REFERENCE = Triplet("def f(x):\n    return x * 2", "21", "42")
 # Everything a proposer's prompt may show as a program besides its buffer's tasks: a proposal that
-# repeats one of these is a copy (azr_mini.known_proposals).
+# repeats one of these is a copy (rewards.known_proposals).
 EXAMPLE_PROGRAMS = tuple(e.program for e in PROPOSER_EXAMPLES) + (EXAMPLE_REFERENCE.program,)
 
 # The solvers' worked example: one task seen three ways.
@@ -489,6 +499,9 @@ def solve_abduction(task: Triplet) -> Chat:
 def solve_induction(task: InductionTask) -> Chat:
     """Solver, induction: given the message and the visible pairs, write the program f."""
     return chat(INDUCTION, SOLVE, _induction_solve_request(task))
+
+
+SOLVER_TEMPLATES = {DEDUCTION: solve_deduction, ABDUCTION: solve_abduction, INDUCTION: solve_induction}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -52,14 +52,17 @@ from executor import same_value
 from prompts import (
     ABDUCTION,
     DEDUCTION,
+    EXAMPLE_PROGRAMS,
     INDUCTION,
     PROPOSE,
+    PROPOSER_EXAMPLES,
     ROLES,
     TASK_TYPES,
     InductionProposal,
     InductionTask,
     Proposal,
     Triplet,
+    example_induction_inputs,
 )
 
 PAPER, OFFICIAL = "paper", "official"  # the two readings of Eq. 6 for the proposer
@@ -161,6 +164,19 @@ def is_copy(proposal: Proposal | InductionProposal | None, known: set) -> bool:
     return False
 
 
+def known_proposals(buffers: dict[str, list], task_type: str, program: str | None, n_inputs: int) -> set:
+    """What a proposal must not repeat (is_copy). Deduction/abduction: the worked examples'
+    programs and the buffer's. Induction (for `program`): the worked examples' inputs and the input
+    sets of buffer tasks on the same program."""
+    if task_type == INDUCTION:
+        return {frozenset(map(normalized, example_induction_inputs(n_inputs, k)))
+                for k in range(len(PROPOSER_EXAMPLES))} | {
+            frozenset(normalized(i) for i, _ in task.visible + task.hidden)
+            for task in buffers[INDUCTION] if task.program == program}
+    shown = list(EXAMPLE_PROGRAMS) + [task.program for task in buffers[task_type]]
+    return {normalized(program) for program in shown}
+
+
 def distinct_inputs(inputs: Sequence[str]) -> bool:
     """No two inputs denote the same call: equal as values (same_value), or as text up to whitespace."""
     for a in range(len(inputs)):
@@ -194,7 +210,7 @@ def check_induction_proposals(
     """Induction proposals (inputs + message for programs[k]) -> tasks (None: format error or invalid).
 
     Kept only if the inputs are distinct and every one validates (runs, safe, deterministic). The
-    first half of the pairs is shown to the solver, the rest hidden for grading (N = 10: 5 and 5).
+    first half of the pairs is shown to the solver, the rest hidden for grading (N = 6: 3 and 3).
     One validate_many call.
     """
     if len(programs) != len(proposals):

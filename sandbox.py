@@ -2,13 +2,17 @@
 
 executor.py is the environment as AZR sees it: the paper's three checks, the limits, the banned and
 allowed lists, the static safety check, and the Executor, which sends each call that passes the
-static check, compiled (executor._prepare), to a warm server of this file. From there:
+static check, compiled (make_job), to a warm server of this file. The import goes one way:
+executor.py imports this file, and this file imports only the standard library. What the jail needs
+of the environment's rules (the allowed and refused modules, the caps on values and messages, the
+statuses) comes in the configuration each server is started with, and each call's result goes
+back as plain data (a dict) that executor.py makes its own record. From there:
 
   - a fresh process per call, forked from a warm server that has the allowed modules imported
     (about 1 ms, against about 35 ms for a new interpreter), in its own session, SIGKILLed with
     its whole process group at the deadline. A fork costs in proportion to the server's memory,
     and every page the child writes costs a copy-on-write fault, so the server stays small and
-    prepares once what every child needs (limits, import guard); see _serve and _child_main;
+    prepares once what every child needs (limits, import guard); see serve and _child_main;
   - the child only unmarshals the compiled code and runs it; its imports are limited to modules
     loaded before the call (no new module is read from disk), and banned modules are refused
     even when already loaded (_install_import_guard);
@@ -33,9 +37,10 @@ static check, compiled (executor._prepare), to a warm server of this file. From 
     with caps on depth, element count and size); the host only ever sees that string and parses
     it with executor.parse_literal, never with eval.
 
-The file has three parts, from the inside out: the child (runs in a forked process of a server),
+The file has four parts: what executor.py shares with the jail (the job format, the import rule,
+the cap on messages), then from the inside out the child (runs in a forked process of a server),
 the server (a warm interpreter with one hash seed that forks one child per call), and the host
-side (_Server: starts one server and speaks to it over pipes; the Executor holds two per worker).
+side (Server: starts one server and speaks to it over pipes; the Executor holds two per worker).
 """
 from __future__ import annotations
 
@@ -53,16 +58,35 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import subprocess
+    from types import CodeType
 
 # This file is the warm server's program, and every module the server imports makes each of its
 # forks slower: `threading` alone (imported by subprocess, queue and concurrent.futures) runs an
-# after-fork hook that cost 0.35 ms of a 0.9 ms fork here. The host-only modules are therefore
-# imported where the host uses them (_Server.start, Executor.__init__), never at the top of this
-# file or of executor.py. executor.py, which has the limits and lists, is loaded here, before the
-# server's import guard (which refuses both files to programs); it imports this file only inside
-# Executor, so the two never import each other half loaded.
-from executor import (ALLOWED_MODULES, MAX_VALUE_CHARS, MAX_VALUE_DEPTH, MAX_VALUE_ITEMS, STATUSES,
-                      RunResult, _module_allowed, _prepare, _short)
+# after-fork hook that cost 0.35 ms of a 0.9 ms fork here. So the top of this file imports only what
+# the server uses, and the host-only modules are imported where the host uses them (Server.start).
+
+# --------------------------------------------------------------------------------------------------
+# Shared with executor.py: the job format, the import rule, the cap on messages
+# --------------------------------------------------------------------------------------------------
+
+def make_job(code: CodeType, call_code: CodeType) -> bytes:
+    """A job for a server: the program and the call f(input), both compiled by the host, marshalled
+    together. The child unmarshals it and runs it (_child_main); it parses and compiles nothing."""
+    return marshal.dumps((code, call_code))
+
+
+def module_allowed(name: str, refused) -> bool:
+    """The import guard's rule, which executor.py's static check applies to the program's text too:
+    a module is refused when its top-level package is in `refused` or a part of its name is private
+    (_thread, _posixsubprocess, __main__, ...)."""
+    parts = name.split(".")
+    return parts[0] not in refused and not any(p.startswith("_") for p in parts)
+
+
+def shorten(text: str, limit: int) -> str:
+    """text, cut to at most limit characters: every error message, the host's and the jail's, is capped."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 # --------------------------------------------------------------------------------------------------
 # The child: runs inside a forked process of a server (never in the host)
@@ -72,17 +96,19 @@ _EXACT_LITERAL_TYPES = (type(None), bool, int, float, complex, str, bytes)
 _EXACT_CONTAINER_TYPES = (list, tuple, set, frozenset, dict)
 
 
-def _to_literal(value) -> tuple[str, str]:
+def _to_literal(value, caps: dict) -> tuple[str, str]:
     """(status, text): the repr of a value made of exact builtin types, or why it is not one.
-    Exact types only: a subclass of int or str could lie in __repr__ or __eq__."""
+    Exact types only: a subclass of int or str could lie in __repr__ or __eq__. caps: the
+    configuration's (see serve)."""
+    max_items, max_depth, max_chars = caps["value_items"], caps["value_depth"], caps["value_chars"]
     stack, items = [(value, 0)], 0
     while stack:
         obj, depth = stack.pop()
         items += 1
-        if items > MAX_VALUE_ITEMS:
-            return "unserializable", f"return value has more than {MAX_VALUE_ITEMS} items"
-        if depth > MAX_VALUE_DEPTH:
-            return "unserializable", f"return value is nested deeper than {MAX_VALUE_DEPTH}"
+        if items > max_items:
+            return "unserializable", f"return value has more than {max_items} items"
+        if depth > max_depth:
+            return "unserializable", f"return value is nested deeper than {max_depth}"
         kind = type(obj)
         if kind in _EXACT_LITERAL_TYPES:
             continue
@@ -93,9 +119,9 @@ def _to_literal(value) -> tuple[str, str]:
     try:
         text = repr(value)
     except ValueError as exc:   # ints with more than sys.get_int_max_str_digits() digits
-        return "unserializable", _short(f"repr failed: {exc}")
-    if len(text) > MAX_VALUE_CHARS:
-        return "unserializable", f"return value repr is longer than {MAX_VALUE_CHARS} characters"
+        return "unserializable", shorten(f"repr failed: {exc}", caps["error_chars"])
+    if len(text) > max_chars:
+        return "unserializable", f"return value repr is longer than {max_chars} characters"
     return "ok", text
 
 
@@ -119,7 +145,7 @@ def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: 
             resource.setrlimit(which, limit)
         # Blocks until the server hands over a job; if the server dies first, this reads EOF and
         # the child exits, so PDEATHSIG is needed only from here on.
-        code, call_code = marshal.loads(_read_all(job_fd))   # compiled by the host (_prepare)
+        code, call_code = marshal.loads(_read_all(job_fd))   # from the host (make_job)
         os.close(job_fd)
         # Root is dropped only now, so that no idle child ever runs as "nobody": after a call, a
         # process of that uid can only be a program's leftover (the tests look for them).
@@ -134,6 +160,7 @@ def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: 
         return
 
     write, encode, exit_now = os.write, str.encode, os._exit   # before the program can patch os
+    caps = config["caps"]
     namespace = {"__name__": "__azr_task__", "__builtins__": builtins}
     try:
         exec(code, namespace)
@@ -141,11 +168,11 @@ def _child_main(config: dict, job_fd: int, result_fd: int, out_fd: int, err_fd: 
             status, text = "error", "NameError: the program defines no function f"
         else:
             value = eval(call_code, namespace)
-            status, text = _to_literal(value)
+            status, text = _to_literal(value, caps)
     except MemoryError:
         status, text = "memory", "MemoryError"
     except BaseException as exc:                       # SystemExit and KeyboardInterrupt too
-        status, text = "error", _describe(exc)
+        status, text = "error", _describe(exc, caps["error_chars"])
     _child_write(result_fd, status, text, write, encode)   # prints are already written (python -u)
     exit_now(0)
 
@@ -157,14 +184,15 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _describe(exc: BaseException) -> str:
-    """'TypeError: message' without trusting the exception's own __str__ to behave."""
+def _describe(exc: BaseException, limit: int) -> str:
+    """'TypeError: message', at most limit characters, without trusting the exception's own __str__
+    to behave."""
     name = type(exc).__name__ if isinstance(type(exc).__name__, str) else "Exception"
     try:
         message = str(exc)
     except BaseException:
         message = "<unprintable message>"
-    return _short(f"{name}: {message}" if message else name)
+    return shorten(f"{name}: {message}" if message else name, limit)
 
 
 def _child_write(fd: int, status: str, text: str, write=os.write, encode=str.encode) -> None:
@@ -389,7 +417,7 @@ def _server_setup(config: dict) -> tuple[list[str], str | None]:
     # mapped into the server makes every fork slower. All of it before the namespaces, which may
     # hide the interpreter's own files (a virtual environment or pyenv in the home folder).
     codecs = [m.name for m in pkgutil.iter_modules(encodings.__path__) if m.name not in ("bz2_codec", "zlib_codec")]
-    for module in ALLOWED_MODULES + tuple(f"encodings.{name}" for name in codecs):
+    for module in config["allowed_modules"] + [f"encodings.{name}" for name in codecs]:
         try:
             importlib.import_module(module)
         except Exception:
@@ -429,13 +457,15 @@ def _child_rlimits(limits: dict) -> list[tuple[int, tuple[int, int]]]:
             (resource.RLIMIT_FSIZE, (output, output)), (resource.RLIMIT_CORE, (0, 0))]
 
 
-def _install_import_guard() -> None:
-    """From here on no module is read from disk, and a banned module is refused even when it is
-    loaded. Installed in the server once its own imports are done; every child inherits it."""
+def _install_import_guard(refused: list[str]) -> None:
+    """From here on no module is read from disk, and a refused module (module_allowed) is refused
+    even when it is loaded. Installed in the server once its own imports are done; every child
+    inherits it."""
     real_import = builtins.__import__
+    refused = frozenset(refused)
 
     def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
-        if not _module_allowed(name) or level:
+        if not module_allowed(name, refused) or level:
             raise ImportError(f"import of '{name}' is not allowed")
         return real_import(name, globals, locals, fromlist, level)
 
@@ -444,11 +474,16 @@ def _install_import_guard() -> None:
     sys.path[:] = []
 
 
-def _serve(config_json: str) -> None:
-    """Server loop. A job is its length on a line, then that many bytes: the marshalled code from
-    _prepare, passed to the child as it came. Each reply is one JSON line. config holds the
-    Executor's limits and check_safety, the same for every job, and the folders to hide. The first
-    line is a greeting: the jail's layers, or why the server could not set it up."""
+def serve(config_json: str) -> None:
+    """The server's program (Server.start runs it). A job is its length on a line, then that many
+    bytes (make_job), passed to the child as they came. Each reply is one JSON line. The first line
+    is a greeting: the jail's layers, or why the server could not set it up.
+
+    config, the same for every job: from the Executor, its limits (timeout_s, memory_mb,
+    max_output_chars), check_safety, and of executor.py's rules the allowed_modules (imported before
+    any fork), the refused_modules (module_allowed), the statuses a child may report (any other
+    reply is a crash) and the caps (value_items, value_depth, value_chars for a return value,
+    error_chars for a message); from Server.start, the folders to hide."""
     config = json.loads(config_json)
     requests = sys.stdin.buffer
     replies = os.fdopen(os.dup(1), "wb", buffering=0)
@@ -456,15 +491,18 @@ def _serve(config_json: str) -> None:
     try:
         layers, refused = _server_setup(config)
     except Exception as exc:                            # never run a program in a half-built jail
-        replies.write(json.dumps({"ready": False, "error": _describe(exc)}).encode() + b"\n")
+        error = _describe(exc, config["caps"]["error_chars"])
+        replies.write(json.dumps({"ready": False, "error": error}).encode() + b"\n")
         return
     config = dict(config, rlimits=_child_rlimits(config["limits"]))
-    _Child(config).run(_prepare("def f(a):\n    return a", "'warm'", True))   # the first fork is slow
+    warm_up = make_job(compile("def f(a):\n    return a", "<program>", "exec", dont_inherit=True),
+                       compile("f('warm'\n)", "<input>", "eval", dont_inherit=True))
+    _Child(config).run(warm_up)                         # the first fork is slow
     _release_free_memory()
     import gc
     gc.freeze()                                         # fewer copy-on-write page faults per fork
     if config["check_safety"]:
-        _install_import_guard()
+        _install_import_guard(config["refused_modules"])
     hello = {"ready": True, "layers": layers, "refused": refused, "run_root": _run_root}
     replies.write(json.dumps(hello).encode() + b"\n")
     child = _Child(config)
@@ -472,7 +510,7 @@ def _serve(config_json: str) -> None:
         reply = child.run(requests.read(int(header)))
         replies.write(json.dumps(reply).encode() + b"\n")
         child = _Child(config)                          # forked while the host reads the reply
-    child.discard()                                     # stdin closed: the host is done (_Server.stop)
+    child.discard()                                     # stdin closed: the host is done (Server.stop)
     os._exit(0)
 
 
@@ -561,7 +599,7 @@ class _Child:
         _remove_tree(self.workdir)
 
     def run(self, job: bytes) -> dict:
-        """Hand the job (from _prepare) over, wait for the child until the deadline, clean up, classify
+        """Hand the job (make_job) over, wait for the child until the deadline, clean up, classify
         the outcome."""
         start = time.monotonic()
         try:
@@ -570,7 +608,7 @@ class _Child:
             pass
         os.close(self.job_write)
         pid, read_fd, out_fd, err_fd = self.pid, self.read_fd, self.out_fd, self.err_fd
-        limits = self.config["limits"]
+        limits, max_value_chars = self.config["limits"], self.config["caps"]["value_chars"]
         deadline = start + limits["timeout_s"]
         chunks, size, timed_out, exited, reading = [], 0, False, False, True
         status_word = None
@@ -591,7 +629,7 @@ class _Child:
                     if not data:
                         poller.unregister(read_fd)
                         reading = False
-                    elif size <= MAX_VALUE_CHARS * 8:
+                    elif size <= max_value_chars * 8:
                         chunks.append(data)
                         size += len(data)
                 else:
@@ -635,7 +673,7 @@ class _Child:
         status, _, text = b"".join(chunks).decode("utf-8", "replace").partition("\n")
         if status == "ok":
             return _reply("ok", text, None, seconds)
-        if status in STATUSES:
+        if status in self.config["statuses"]:
             return _reply(status, None, text, seconds)
         if os.WIFSIGNALED(status_word):
             sig = os.WTERMSIG(status_word)
@@ -652,7 +690,8 @@ class _Child:
         if "MemoryError" in err_tail:
             return _reply("memory", None, "MemoryError", seconds)
         last_line = err_tail.strip().splitlines()[-1:] or [""]
-        return _reply("crash", None, _short(f"{reason} {last_line[0]}".strip()), seconds)
+        message = f"{reason} {last_line[0]}".strip()
+        return _reply("crash", None, shorten(message, self.config["caps"]["error_chars"]), seconds)
 
 
 def _reply(status, value, error, seconds) -> dict:
@@ -679,12 +718,13 @@ def _kill_group(pid: int) -> None:
 # The host side: one warm server, spoken to over pipes (the Executor holds two per worker)
 # --------------------------------------------------------------------------------------------------
 
-_SERVER_GRACE_S = 30.0   # a server that has not answered timeout_s + this after a job hangs
-_SERVER_EXIT_S = 1.0     # a server told to stop (its stdin closed) that has not ended by then is killed
+SERVER_GRACE_S = 30.0   # a server that has not answered timeout_s + this after a job hangs
+SERVER_EXIT_S = 1.0     # a server told to stop (its stdin closed) that has not ended by then is killed
 
 
-class _Server:
-    """One warm interpreter started with one PYTHONHASHSEED, spoken to over pipes."""
+class Server:
+    """One warm interpreter started with one PYTHONHASHSEED, spoken to over pipes. config: as serve
+    describes it (the Executor's), less the folders to hide, which start() adds."""
 
     def __init__(self, hash_seed: int, config: dict) -> None:
         self.hash_seed, self.config = hash_seed, config
@@ -698,11 +738,10 @@ class _Server:
         import tempfile
         env = {"PYTHONHASHSEED": str(self.hash_seed), "PATH": os.defpath, "LC_ALL": "C.UTF-8",
                "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1", "TMPDIR": tempfile.gettempdir()}
-        # The server imports this module (and so executor.py) by name, so it uses the cached
-        # bytecode when there is some (compiling the source leaves freed parser memory behind; see
-        # _release_free_memory).
+        # The server imports this module by name, so it uses the cached bytecode when there is some
+        # (compiling the source leaves freed parser memory behind; see _release_free_memory).
         folder, module = os.path.split(os.path.splitext(os.path.abspath(__file__))[0])
-        bootstrap = f"import sys; sys.path.insert(0, {folder!r}); import {module}; {module}._serve(sys.argv[1])"
+        bootstrap = f"import sys; sys.path.insert(0, {folder!r}); import {module}; {module}.serve(sys.argv[1])"
         config = dict(self.config, hidden=_private_folders())
         self.proc = subprocess.Popen(
             # -S: no site-packages and no .pth start-up hooks (one here imports threading);
@@ -724,7 +763,7 @@ class _Server:
         self.run_root = None if self.isolated else hello["run_root"]
         _announce(_describe_jail(self.layers, hello["refused"]))
 
-    def call(self, job: bytes) -> RunResult:
+    def call(self, job: bytes) -> dict:
         self.send(job)
         return self.receive()
 
@@ -739,19 +778,19 @@ class _Server:
         except (BrokenPipeError, OSError):
             return False
 
-    def receive(self) -> RunResult:
-        """The job's result; a server that died or hangs is stopped and the job counts as a crash."""
+    def receive(self) -> dict:
+        """The job's result: status, value, error and seconds (what executor.py makes a RunResult).
+        A server that died or hangs is stopped and the job counts as a crash."""
         line = None
         if self.proc is not None:
             try:
-                line = self._read_line(timeout_s=self.config["limits"]["timeout_s"] + _SERVER_GRACE_S)
+                line = self._read_line(timeout_s=self.config["limits"]["timeout_s"] + SERVER_GRACE_S)
             except OSError:
                 pass
         if line is None:
             self.stop(at_once=True)
-            return RunResult("crash", None, "the executor's server process died; restarted", 0.0)
-        reply = json.loads(line)
-        return RunResult(reply["status"], reply["value"], reply["error"], reply["seconds"])
+            return _reply("crash", None, "the executor's server process died; restarted", 0.0)
+        return json.loads(line)                         # what the server's _Child.run returned
 
     def _read_line(self, timeout_s: float) -> bytes | None:
         stream = self.proc.stdout
@@ -766,7 +805,7 @@ class _Server:
         """End the server. One that waits for a job ends itself once its stdin closes, in order: in a
         pid namespace its pid 1 goes first and is reaped by the process the host started (killed
         together, pid 1 would be left to the machine's init to reap). One that does not end within
-        _SERVER_EXIT_S (running a job), or that hangs or has died (at_once), is killed with its
+        SERVER_EXIT_S (running a job), or that hangs or has died (at_once), is killed with its
         process group."""
         import subprocess
         if self.proc is not None:
@@ -775,7 +814,7 @@ class _Server:
             except OSError:
                 pass
             try:
-                self.proc.wait(timeout=0 if at_once else _SERVER_EXIT_S)
+                self.proc.wait(timeout=0 if at_once else SERVER_EXIT_S)
             except subprocess.TimeoutExpired:
                 _kill_group(self.proc.pid)
                 self.proc.wait()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import azr_mini  # noqa: E402
+from run import latest_checkpoint, mean  # noqa: E402
 import evaluate  # noqa: E402
 import learning_curve  # noqa: E402
 from prompts import SOLVE, TASK_TYPES, thinks_empty  # noqa: E402
@@ -56,7 +56,7 @@ def run(command: list[str], what: str) -> None:
 
 def seed(root: Path, shared: list[str]) -> Path:
     seed_dir = root / "seed"
-    if azr_mini.latest_checkpoint(seed_dir) is None:
+    if latest_checkpoint(seed_dir) is None:
         shutil.rmtree(seed_dir, ignore_errors=True)      # an attempt killed while seeding
         run(["azr_mini.py", "--run-dir", str(seed_dir), "--steps", "0", *shared], "seed")
     return seed_dir
@@ -64,10 +64,10 @@ def seed(root: Path, shared: list[str]) -> Path:
 
 def train(root: Path, name: str, steps: int, shared: list[str]) -> None:
     run_dir = root / name
-    if azr_mini.latest_checkpoint(run_dir) is None:
+    if latest_checkpoint(run_dir) is None:
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(root / "seed", run_dir)
-    newest = azr_mini.latest_checkpoint(run_dir)
+    newest = latest_checkpoint(run_dir)
     if learning_curve.step_of(newest) >= steps:
         return
     # Flags given with --resume win over the saved config, so the recipe's flags take effect from
@@ -76,7 +76,7 @@ def train(root: Path, name: str, steps: int, shared: list[str]) -> None:
 
 
 def heldout_report(root: Path, name: str, limit: int) -> Path | None:
-    newest = azr_mini.latest_checkpoint(root / name)
+    newest = latest_checkpoint(root / name)
     return None if newest is None else learning_curve.report_path(newest, "selfplay", limit)
 
 
@@ -109,12 +109,12 @@ def summarize(root: Path, name: str, window: int, limit: int) -> dict | None:
     row = {"recipe": name, "flags": RECIPES[name], "steps": [first, last],
            "format_errors": rate(samples, lambda r: r["parsed"] is None),
            "valid_proposals": rate([r for r in samples if r["phase"] == "propose"], lambda r: r["valid"]),
-           "entropy": azr_mini.mean(m["entropy"] for m in steps if m.get("entropy") is not None)}
+           "entropy": mean(m["entropy"] for m in steps if m.get("entropy") is not None)}
     for t in TASK_TYPES:
         row[f"empty_think/{t}"] = rate([r for r in solver if r["task_type"] == t], lambda r: thinks_empty(r["completion"]))
         row[f"accuracy/{t}"] = rate([r for r in solver if r["task_type"] == t and r["phase"] == "solve"],
                                     lambda r: r["r_role"] == 1.0)
-        row[f"length/{t}/solve"] = azr_mini.mean(m[f"length/{t}/solve"] for m in steps
+        row[f"length/{t}/solve"] = mean(m[f"length/{t}/solve"] for m in steps
                                                  if m.get(f"length/{t}/solve") is not None)
     report = heldout_report(root, name, limit)
     if report is not None and report.exists():

@@ -46,7 +46,9 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import azr_mini  # noqa: E402
-from policy import left_pad, length_sorted_batches, load_policy  # noqa: E402
+from prompts import SOLVER_TEMPLATES  # noqa: E402
+from models import load_policy  # noqa: E402
+from policy import left_pad, length_sorted_batches  # noqa: E402
 from prompts import DEDUCTION, SEED_TRIPLET, STOP, THINK_PREFILL, Chat, InductionTask, Triplet, chat  # noqa: E402
 
 # Before issue 11, Policy.generate was transformers' `generate` on the LoRA model in float32, prompts
@@ -83,7 +85,7 @@ def step_prompts(args) -> list[Chat]:
     prompts = [r.prompt for r in requests]
     # Learnability rollouts and the solve batch: solver prompts, as many as a step has.
     n_solver = 3 * cfg.batch_size * (1 + cfg.learnability_rollouts)
-    kinds = list(azr_mini.SOLVER_TEMPLATES.items())
+    kinds = list(SOLVER_TEMPLATES.items())
     for k in range(n_solver):
         task_type, template = kinds[k % 3]
         prompts.append(template(tasks[task_type][k // 3 % len(tasks[task_type])]))

@@ -42,6 +42,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import azr_mini  # noqa: E402
+from models import EMBEDDED  # noqa: E402
+from run import Timer  # noqa: E402
 import evaluate  # noqa: E402
 import prompts  # noqa: E402
 from executor import Executor  # noqa: E402
@@ -175,16 +177,16 @@ def measure(policy, executor, module, task_type, role, n, cfg, refs, crux, seed)
     triplets, induction = refs
     pool = [SEED_TRIPLET] + triplets
     requests = requests_for(module, task_type, role, n, cfg, pool, induction, crux, seed)
-    timer = azr_mini.Timer()
+    timer = Timer()
     torch.manual_seed(seed)
     start = time.perf_counter()
     episodes = azr_mini.sample(policy, requests, cfg, timer, desc=None)  # no bar: one line per row below
     wall = time.perf_counter() - start
     if role == PROPOSE:
         buffers = {DEDUCTION: pool, ABDUCTION: pool, INDUCTION: []}
-        azr_mini.validate_proposals(executor, episodes, buffers, cfg, timer)
+        azr_mini.mark_proposals(executor, episodes, buffers, cfg, timer)
     else:
-        azr_mini.grade_solutions(executor, episodes, timer)
+        azr_mini.mark_solutions(executor, episodes, timer)
     bad = [failure(e) for e in episodes if e.parsed is None]
     row = {
         "row": row_name(task_type, role), "n": n,
@@ -228,7 +230,7 @@ def main() -> None:
     argv = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=32, help="responses per (task type, role)")
-    parser.add_argument("--model", default=azr_mini.EMBEDDED, help="as azr_mini.py --model")
+    parser.add_argument("--model", default=EMBEDDED, help="as azr_mini.py --model")
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "cruxeval.jsonl"),
                         help="CRUXEval jsonl for the deduction and abduction solver rows")
     parser.add_argument("--rows", default="", help="comma-separated rows (e.g. propose/induction); default all six")

@@ -38,7 +38,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import azr_mini  # noqa: E402
-from policy import Policy, length_sorted_batches, load_policy, prefix_sorted_batches  # noqa: E402
+from models import load_policy  # noqa: E402
+from policy import Policy, length_sorted_batches, prefix_sorted_batches  # noqa: E402
 from prompts import PROPOSE, SOLVE, TASK_TYPES, THINK_PREFILL, chat  # noqa: E402
 
 SAMPLES = ROOT / "notebooks" / "example_run" / "samples.jsonl"

@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import azr_mini  # noqa: E402
+from run import is_kept, latest_checkpoint  # noqa: E402
 import evaluate  # noqa: E402
 from prompts import TASK_TYPES, thinks_empty  # noqa: E402
 
@@ -48,7 +48,7 @@ SIGNALS = [("format_errors", "format errors (all responses)"), ("valid_proposals
 
 
 def kept_checkpoints(run_dir: Path, every: int) -> list[Path]:
-    return sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and azr_mini.is_kept(p, every))
+    return sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir() and is_kept(p, every))
 
 
 def step_of(checkpoint: Path) -> int:
@@ -57,7 +57,7 @@ def step_of(checkpoint: Path) -> int:
 
 def train(args, loop_flags: list[str]) -> None:
     run_dir = Path(args.run_dir)
-    newest = azr_mini.latest_checkpoint(run_dir)
+    newest = latest_checkpoint(run_dir)
     if newest is not None and step_of(newest) >= args.steps:
         print(f"train: {run_dir} is at step {step_of(newest)}, nothing to do")
         return
@@ -125,6 +125,12 @@ def moving_mean(values: list, window: int) -> list:
     return out
 
 
+def project_path(path: Path) -> str:
+    """A path relative to the project when it lies inside it (docs/ should not name this machine)."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def collect(args) -> dict:
     """The numbers to plot: eval accuracy per checkpoint, and the loop's signals per step."""
     run_dir = Path(args.run_dir)
@@ -156,7 +162,10 @@ def collect(args) -> dict:
         + [f"empty_think/{t}" for t in TASK_TYPES]
     signals = {k: [m.get(k) for m in lines] for k in keys}
     config = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
-    return {"run_dir": str(run_dir), "limit": args.limit, "config": config, "steps": [m["step"] for m in lines],
+    for key in ("run_dir", "resume"):    # as the project names them, not this machine's absolute paths
+        if config.get(key):
+            config[key] = project_path(Path(config[key]))
+    return {"run_dir": project_path(run_dir), "limit": args.limit, "config": config, "steps": [m["step"] for m in lines],
             "evals": evals, "paired": pairs, "signals": signals}
 
 

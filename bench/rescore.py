@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import azr_mini  # noqa: E402
+from prompts import task_from_json  # noqa: E402
 import evaluate  # noqa: E402
 import prompts  # noqa: E402
 from bench_play import load_prompts_at  # noqa: E402
@@ -65,7 +65,7 @@ def verdicts_of_samples(executor, records: list[dict], module, n_inputs: int) ->
     out: list[tuple[object, str]] = [(None, "skipped")] * len(records)   # a solver record without its task
     solves = [k for k, r in enumerate(records) if r["role"] == SOLVE and r.get("task")]
     answers = [module.parse_solution(records[k]["task_type"], records[k]["completion"]) for k in solves]
-    scores = grade(executor, [(records[k]["task_type"], azr_mini.task_from_json(records[k]["task_type"], records[k]["task"]),
+    scores = grade(executor, [(records[k]["task_type"], task_from_json(records[k]["task_type"], records[k]["task"]),
                                answer) for k, answer in zip(solves, answers)])
     for k, answer, score in zip(solves, answers, scores):
         out[k] = answer, CORRECT if score == 1.0 else WRONG if answer is not None else FORMAT_ERROR

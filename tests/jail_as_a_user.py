@@ -55,13 +55,13 @@ def processes() -> dict[int, Process]:
 def stray_processes(program_uid: int | None) -> list[tuple[int, Process]]:
     """Leftovers of the programs run by this process's executors. What may live after a call: the
     servers (children of this process; in private namespaces each has one child of its own, pid 1 of
-    a pid namespace, that does the forking: sandbox._become_pid_one) and, per forking server, at most
+    a pid namespace, that does the forking: see sandbox.py) and, per forking server, at most
     one idle child forked for the next call. Anything deeper is a leftover, and so is any other
     process of program_uid, the uid programs run as, where that uid runs nothing else ("nobody" as
     root, a throwaway uid here; None: not checked)."""
     procs = processes()
     me = os.getpid()
-    started = {pid for pid, p in procs.items() if p.ppid == me and "._serve(" in p.cmd}
+    started = {pid for pid, p in procs.items() if p.ppid == me and ".serve(" in p.cmd}
     pid_ones = {pid for pid, p in procs.items() if p.ppid in started and p.pid_one}
     forking = pid_ones | (started - {procs[pid].ppid for pid in pid_ones})
     children: dict[int, list[int]] = {}

@@ -3,11 +3,13 @@ wrong (0%) or unreadable (format errors), the tiny model end to end, the report,
 
 import gzip
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
 
 import azr_mini
+from run import latest_checkpoint
 import evaluate as ev
 from executor import Executor
 from policy import Completion
@@ -43,7 +45,7 @@ def files(tmp_path):
     tasks = [(DEDUCTION, Triplet(**{k: CRUX[0][k] for k in ("input", "output")}, program=CRUX[0]["code"])),
              (ABDUCTION, Triplet(CRUX[2]["code"], CRUX[2]["input"], CRUX[2]["output"])),
              (INDUCTION, INDUCTION_TASK)]
-    selfplay.write_text("".join(json.dumps({"task_type": t, "task": azr_mini.buffers_to_json({t: [task]})[t][0]}) + "\n"
+    selfplay.write_text("".join(json.dumps({"task_type": t, "task": asdict(task)}) + "\n"
                                 for t, task in tasks))
     return {"cruxeval-o": crux, "cruxeval-i": crux, "gsm8k": gsm, "selfplay": selfplay, "humaneval": None}
 
@@ -203,7 +205,7 @@ def test_cli_writes_a_report_and_gives_the_same_numbers_twice(tmp_path, files, o
 
 def test_an_adapter_from_a_run_is_loaded_with_its_step_and_weights(tmp_path, one_thread):
     run = run_tiny(tmp_path / "run", "--steps", "1")
-    checkpoint = azr_mini.latest_checkpoint(run)
+    checkpoint = latest_checkpoint(run)
     # float32: merging in bf16 rounds the merged weights, a difference of 1e-2 (a bf16 CPU picks it for "auto")
     policy, info = ev.load_model(None, str(run), "float32", "cpu")  # a run folder: its newest checkpoint
     assert info == {"model": "tiny", "adapter": str(checkpoint), "step": 1}

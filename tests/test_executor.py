@@ -142,7 +142,7 @@ HOSTILE = [
     Hostile("__import__", "def f(x):\n    return __import__('os').getpid()", "1", "rejected", "ok"),
     Hostile("importlib", "import importlib\ndef f(x):\n    return importlib.import_module('os').sep", "1",
             "rejected", "ok"),
-    Hostile("the executor module, loaded in its server",
+    Hostile("the executor module, beside its server's program",
             "import executor\ndef f(x):\n    return executor.Executor", "1", "rejected", None),
     Hostile("the sandbox module, loaded in its server",
             "import sandbox\ndef f(x):\n    return sandbox._max_fd", "1", "rejected", None),
@@ -345,7 +345,7 @@ def test_nothing_leaks_between_runs(raw):
 def test_server_killed_from_outside_is_restarted():
     with Executor(timeout_s=1.0, workers=1) as ex:
         assert_still_healthy(ex)
-        for server in ex._servers:
+        for server in ex.servers:
             if server.proc is not None:
                 server.proc.kill()
                 server.proc.wait()
@@ -353,10 +353,10 @@ def test_server_killed_from_outside_is_restarted():
 
 
 def test_hung_server_counts_as_a_crash_and_is_replaced(monkeypatch):
-    monkeypatch.setattr(sandbox, "_SERVER_GRACE_S", 1.0)
+    monkeypatch.setattr(sandbox, "SERVER_GRACE_S", 1.0)
     with Executor(timeout_s=0.5, workers=1) as ex:
         assert_still_healthy(ex)
-        os.killpg(ex._servers[0].proc.pid, signal.SIGSTOP)   # its process group: the server and its pid 1
+        os.killpg(ex.servers[0].proc.pid, signal.SIGSTOP)   # its process group: the server and its pid 1
         start = time.monotonic()
         result = ex.run(*CLEAN[:2])
         assert result.status == "crash" and "died" in result.error and time.monotonic() - start < 5
@@ -366,14 +366,14 @@ def test_hung_server_counts_as_a_crash_and_is_replaced(monkeypatch):
 
 def test_an_interrupted_call_leaves_no_stale_reply(monkeypatch):
     """Ctrl-C while waiting for a server: the next call must not read the old call's reply."""
-    real_receive = sandbox._Server.receive
+    real_receive = sandbox.Server.receive
 
     def interrupted(self):
-        monkeypatch.setattr(sandbox._Server, "receive", real_receive)
+        monkeypatch.setattr(sandbox.Server, "receive", real_receive)
         raise KeyboardInterrupt
 
     with Executor(timeout_s=1.0, workers=1) as ex:
-        monkeypatch.setattr(sandbox._Server, "receive", interrupted)
+        monkeypatch.setattr(sandbox.Server, "receive", interrupted)
         with pytest.raises(KeyboardInterrupt):
             ex.run("def f(x):\n    return 'old'", "1")
         assert ex.run("def f(x):\n    return 'new'", "1").value == "'new'"
@@ -383,7 +383,7 @@ def test_an_interrupted_call_leaves_no_stale_reply(monkeypatch):
 def test_close_ends_every_process():
     ex = Executor(timeout_s=1.0, workers=2)
     ex.validate_many([CLEAN[:2]] * 4)
-    pids = [s.proc.pid for s in ex._servers if s.proc is not None]
+    pids = [s.proc.pid for s in ex.servers if s.proc is not None]
     assert pids
     ex.close()
     for pid in pids:

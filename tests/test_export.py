@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-import azr_mini
+from run import latest_checkpoint, program_imports, read_state
 from scripted import ROOT, run_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -16,7 +16,7 @@ CODE_F_FIELDS = {"snippet", "inputs", "outputs", "message", "imports"}
 
 def test_export_writes_both_files_in_the_documented_format(tmp_path):
     run = run_tiny(tmp_path / "run", "--steps", "1")
-    state = azr_mini.read_state(azr_mini.latest_checkpoint(run))
+    state = read_state(latest_checkpoint(run))
     out = subprocess.run([sys.executable, "azr_mini.py", "--export-seeds", str(run), str(tmp_path / "seeds.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -36,9 +36,9 @@ def test_export_writes_both_files_in_the_documented_format(tmp_path):
 
 
 def test_imports_are_listed_and_a_missing_run_is_a_clear_error(tmp_path):
-    assert azr_mini.program_imports("import math\nfrom collections import Counter\ndef f(x):\n    return x") == [
+    assert program_imports("import math\nfrom collections import Counter\ndef f(x):\n    return x") == [
         "import math", "from collections import Counter"]
-    assert azr_mini.program_imports("def f(:") == []
+    assert program_imports("def f(:") == []
     out = subprocess.run([sys.executable, "azr_mini.py", "--export-seeds", str(tmp_path), str(tmp_path / "s.jsonl")],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "no checkpoint found" in out.stderr

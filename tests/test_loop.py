@@ -9,6 +9,10 @@ import pytest
 import torch
 
 import azr_mini
+from collections import Counter
+from dataclasses import fields
+from rewards import known_proposals
+from run import Timer, build_parser, buffers_from_json, latest_checkpoint, load_checkpoint, step_metrics
 from azr_mini import Config, Episode, parse_args, self_play_step, train, trr_update
 from executor import Executor
 from policy import Completion
@@ -76,7 +80,7 @@ def scripted_step(rule: str, train_rollouts: bool = False):
     before = {t: list(b) for t, b in buffers.items()}
     import random
     with Executor(timeout_s=2, workers=2) as ex:
-        episodes, rollouts, new_tasks = self_play_step(policy, ex, buffers, random.Random(0), cfg, azr_mini.Timer())
+        episodes, rollouts, new_tasks = self_play_step(policy, ex, buffers, random.Random(0), cfg, Timer())
     assert buffers == before                       # the step commits nothing itself
     assert all(not v for v in policy.script.values())   # every scripted completion was used
     return cfg, policy, episodes, rollouts, new_tasks
@@ -108,7 +112,7 @@ def test_scripted_policy_drives_every_branch(rule, trivial_reward):
     assert [e.advantage for e in episodes] == expected
     assert all(math.isclose(abs(a), 2 ** -0.5, rel_tol=1e-5) for a in expected)
     # the monitor flags the alarming chain of thought
-    assert [e.flags for e in episodes if e.flags] == [["outsmart"]]
+    assert [e.alarms for e in episodes if e.alarms] == [["outsmart"]]
 
     # what reaches the loss (token-mean): dL/dlogp_t = -w_i A_i / sum_j |y_j| on each real token,
     # w = lambda for solvers
@@ -142,8 +146,8 @@ def test_training_on_the_learnability_rollouts():
         [(e.request.task_type, e.request.role, e.reward) for e in episodes])
     assert [e.reward for e in episodes if e.request.role == PROPOSE] == \
         [e.reward for e in plain if e.request.role == PROPOSE]
-    m = azr_mini.step_metrics(1, episodes, rollouts, {t: [] for t in (DEDUCTION, ABDUCTION, INDUCTION)}, 0,
-                              azr_mini.Counter(), azr_mini.Timer(), {})
+    m = step_metrics(1, episodes, rollouts, {t: [] for t in (DEDUCTION, ABDUCTION, INDUCTION)}, 0,
+                              Counter(), Timer(), {})
     assert m["trained/deduction/solve"] == 4 and m["trained/induction/solve"] == 4   # 2 + 2 rollouts
     assert m["trained/deduction/propose"] == 2
     assert m["accuracy/deduction"] == 0.5                           # the solve batch alone, as before
@@ -191,12 +195,16 @@ def test_loss_aggregation_sets_the_weight_of_every_token(mode, weights):
 # --------------------------------------------------------------------------------------------------
 
 def test_every_config_field_is_a_flag_and_presets_apply():
-    help_text = azr_mini.build_parser().format_help()
-    for f in azr_mini.fields(Config):
+    help_text = build_parser(Config, azr_mini.PRESETS, "").format_help()
+    for f in fields(Config):
         assert "--" + f.name.replace("_", "-") in help_text
     cfg = parse_args(["--preset", "gpu-24gb", "--batch-size", "3"])
     assert cfg.model == "Qwen/Qwen2.5-Coder-3B-Instruct" and cfg.load_in_4bit and cfg.batch_size == 3
     assert parse_args([]) == Config()
+    # a preset applies wherever a Config is made, not only on the command line
+    assert Config(preset="gpu-24gb", batch_size=3) == cfg
+    # a typed flag wins over the preset even when it equals the cpu default
+    assert parse_args(["--preset", "gpu-8gb", "--lora-layers", "4"]).lora_layers == 4
 
 
 @pytest.mark.parametrize("argv", [["--no-such-flag"], ["--steps", "many"], ["--batch-size", "0"],
@@ -232,9 +240,9 @@ def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
     assert 0 < m2["entropy"] < math.log(152_000)  # nats; at most log of the vocabulary size
 
     # the buffers hold validated triplets: the executor agrees with every stored output
-    checkpoint = azr_mini.latest_checkpoint(full)
+    checkpoint = latest_checkpoint(full)
     assert checkpoint.name == "checkpoint-000002" and (checkpoint / "adapter" / "adapter_config.json").exists()
-    buffers = azr_mini.buffers_from_json(json.loads((checkpoint / "state.json").read_text())["buffers"])
+    buffers = buffers_from_json(json.loads((checkpoint / "state.json").read_text())["buffers"])
     assert len(buffers[DEDUCTION]) >= 2 and len(buffers[INDUCTION]) >= 1
     with Executor(workers=2) as ex:
         for t in (DEDUCTION, ABDUCTION):
@@ -248,7 +256,7 @@ def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
     # the LoRA weights changed (and only they)
     fresh = azr_mini.build_policy(parse_args(TINY_FLAGS))
     trained = azr_mini.build_policy(parse_args(TINY_FLAGS))
-    step, _, _ = azr_mini.load_checkpoint(checkpoint, trained, torch.optim.AdamW(trained.trainable_parameters()))
+    step, _, _ = load_checkpoint(checkpoint, trained, torch.optim.AdamW(trained.trainable_parameters()))
     changed = [name for (name, p), q in zip(fresh.model.named_parameters(), trained.model.parameters())
                if not torch.equal(p, q)]
     assert changed and all("lora_" in name for name in changed)
@@ -260,7 +268,7 @@ def test_end_to_end_tiny_model_and_exact_resume(tmp_path):
 
     # a run stopped after step 1 and resumed gives the same step 2
     part = run_tiny(tmp_path / "part", "--steps", "1")
-    assert azr_mini.latest_checkpoint(part).name == "checkpoint-000001"
+    assert latest_checkpoint(part).name == "checkpoint-000001"
     cfg = parse_args(["--resume", str(part), "--steps", "2"])
     assert cfg.model == "tiny" and cfg.max_new_tokens == 16
     train(cfg, HalfScripted(azr_mini.build_policy(cfg)))
@@ -290,7 +298,7 @@ def test_ctrl_c_saves_and_resumes(tmp_path):
     finally:
         azr_mini.trr_update = real_update
     assert exit_info.value.code == 130
-    assert azr_mini.latest_checkpoint(run_dir).name == "checkpoint-000001"
+    assert latest_checkpoint(run_dir).name == "checkpoint-000001"
     assert len(metrics(run_dir)) == 1
     assert not list(run_dir.glob(".checkpoint-*"))
 
@@ -331,13 +339,13 @@ def test_copies_are_rejected_and_earn_the_invalid_reward():
     rng = random.Random(0)
     rng.choice = lambda sources: double  # the program the induction proposers write inputs for
     with Executor(timeout_s=2, workers=2) as ex:
-        episodes, _, new_tasks = self_play_step(policy, ex, buffers, rng, cfg, azr_mini.Timer())
+        episodes, _, new_tasks = self_play_step(policy, ex, buffers, rng, cfg, Timer())
     proposals = [e for e in episodes if e.request.role == PROPOSE]
     assert [e.copy for e in proposals] == [True, True, True, False, True, False]
     assert [e.valid for e in proposals] == [False, False, False, True, False, True]
     assert all(e.reward == -1.0 for e in proposals if e.copy)  # the invalid-proposal reward
     assert new_tasks[DEDUCTION] == [] and len(new_tasks[ABDUCTION]) == len(new_tasks[INDUCTION]) == 1
-    m = azr_mini.step_metrics(1, episodes, [], buffers, 0, azr_mini.Counter(), azr_mini.Timer(), {})
+    m = step_metrics(1, episodes, [], buffers, 0, Counter(), Timer(), {})
     assert m["copies"] == pytest.approx(4 / 6)
     assert m["empty_think/abduction"] == 0.0                  # "x" is a format error, not an empty think
 
@@ -348,7 +356,7 @@ def test_the_worked_examples_inputs_are_a_copy_for_induction():
 
     request = azr_mini.Request(INDUCTION, PROPOSE, propose_induction(SEED_TRIPLET, 4), "propose",
                                program=SEED_TRIPLET.program)
-    known = azr_mini.known_proposals({DEDUCTION: [], ABDUCTION: [], INDUCTION: []}, request, 4)
+    known = known_proposals({DEDUCTION: [], ABDUCTION: [], INDUCTION: []}, request.task_type, request.program, 4)
     assert is_copy(InductionProposal(example_induction_inputs(4), "m"), known)
     assert not is_copy(InductionProposal(("1", "2", "3", "4"), "m"), known)
 
@@ -358,7 +366,8 @@ def test_the_worked_examples_programs_are_copies_for_deduction_and_abduction():
     from rewards import is_copy
 
     request = azr_mini.Request(DEDUCTION, PROPOSE, propose_deduction([SEED_TRIPLET]), "propose")
-    known = azr_mini.known_proposals({DEDUCTION: [SEED_TRIPLET], ABDUCTION: [], INDUCTION: []}, request, 4)
+    known = known_proposals({DEDUCTION: [SEED_TRIPLET], ABDUCTION: [], INDUCTION: []}, request.task_type,
+                            request.program, 4)
     for program in (EXAMPLE_PROGRAM, EXAMPLE_REFERENCE.program, SEED_TRIPLET.program):
         assert is_copy(Proposal(program, "1"), known)
     assert not is_copy(Proposal("def f(x):\n    return x - 1", "1"), known)

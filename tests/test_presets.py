@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import azr_mini
+from run import latest_checkpoint, use_the_cores_we_may
 import budget
-import policy
+import models
 from prompts import INDUCTION
 from scripted import ROOT, HalfScripted, metrics
 
@@ -61,9 +62,9 @@ def test_a_gpu_preset_seeds_and_takes_a_step_on_the_tiny_model(name, tmp_path, c
     run_dir = azr_mini.train(cfg, HalfScripted(built))
     [m] = metrics(run_dir)
     assert m["trained_sequences"] > 0 and m["grad_norm"] > 0 and m["responses"] >= 6 * cfg.batch_size
-    buffers = json.loads((azr_mini.latest_checkpoint(run_dir) / "state.json").read_text())["buffers"]
+    buffers = json.loads((latest_checkpoint(run_dir) / "state.json").read_text())["buffers"]
     assert all(len(t["visible"]) + len(t["hidden"]) == 10 for t in buffers[INDUCTION])   # N = 10
-    where = policy.describe_dtype(cfg.dtype, torch.device("cpu"))      # float32 on AVX2, bfloat16 with AVX512-BF16
+    where = models.describe_dtype(cfg.dtype, torch.device("cpu"))      # float32 on AVX2, bfloat16 with AVX512-BF16
     assert f"{where}, 4-bit nf4 base;" in capsys.readouterr().out      # the start-up line
 
 
@@ -135,7 +136,7 @@ def test_the_speed_test_leaves_the_runs_random_numbers_alone():
     assert budget.tokens_per_second(tiny, cfg) > 0
     assert torch.equal(torch.get_rng_state(), before)
     line = budget.startup_line(cfg, tiny, steps=2, seeding=True)
-    chosen = str(policy.resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+    chosen = str(models.resolve_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
     assert line.startswith("azr-mini: CPU ") and f"-> {chosen};" in line and "thread" in line
     assert re.search(r"(about \d+(\.\d)? (min|h)|under a minute) for seeding \+ 2 steps", line), line
 
@@ -145,12 +146,12 @@ def test_threads_follow_the_cores_we_may_use(monkeypatch):
     try:
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
         torch.set_num_threads(3)
-        azr_mini.use_the_cores_we_may()
+        use_the_cores_we_may()
         assert torch.get_num_threads() == 3                           # chosen by the user: left alone
         monkeypatch.delenv("OMP_NUM_THREADS")
         monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-        azr_mini.use_the_cores_we_may()
+        use_the_cores_we_may()
         assert torch.get_num_threads() == 1                           # one core allowed: one thread
     finally:
         torch.set_num_threads(threads)
@@ -160,21 +161,21 @@ def test_the_dtype_is_named_with_its_reason(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert policy.describe_dtype("auto", cpu).endswith("without AVX512-BF16 or AMX -> float32")
+    assert models.describe_dtype("auto", cpu).endswith("without AVX512-BF16 or AMX -> float32")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert policy.describe_dtype("auto", cpu).endswith("with AMX -> bfloat16")
-    assert policy.describe_dtype("float32", cpu).endswith("-> float32 (--dtype float32)")
+    assert models.describe_dtype("auto", cpu).endswith("with AMX -> bfloat16")
+    assert models.describe_dtype("float32", cpu).endswith("-> float32 (--dtype float32)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 def test_cuda_without_a_gpu_is_one_clear_line():
     with pytest.raises(ValueError, match="no CUDA GPU"):
-        policy.resolve_device("cuda")
+        models.resolve_device("cuda")
 
 
 def test_4bit_on_a_gpu_needs_bitsandbytes_cuda_library(monkeypatch):
     cextension = pytest.importorskip("bitsandbytes.cextension")
     monkeypatch.setattr(cextension, "lib", object())                  # as a CPU-only build loads it
     with pytest.raises(ValueError, match="no CUDA library"):
-        policy.require_4bit_kernels(torch.device("cuda"))
-    policy.require_4bit_kernels(torch.device("cpu"))                  # the CPU library serves a CPU
+        models.require_4bit_kernels(torch.device("cuda"))
+    models.require_4bit_kernels(torch.device("cpu"))                  # the CPU library serves a CPU

@@ -1,7 +1,6 @@
 """Exact resume after any interrupt: Ctrl-C at each point of a step, kill -9 at random moments, and
 damaged run folders. Each interrupted run, once resumed, must give the uninterrupted run's metrics
 and sampled text, line for line."""
-import json
 import os
 import random
 import shutil
@@ -15,6 +14,8 @@ import pytest
 import torch
 
 import azr_mini
+import run
+from run import RunLog, latest_checkpoint, save_checkpoint
 from scripted import ROOT, metrics, run_tiny, samples, without_timings
 
 # Three short steps; checkpoints after seeding, at the end and on Ctrl-C only (so Ctrl-C must save).
@@ -39,7 +40,7 @@ def uninterrupted(timed_run) -> Path:
 def assert_same_run(run_dir: Path, reference: Path) -> None:
     assert [without_timings(m) for m in metrics(run_dir)] == [without_timings(m) for m in metrics(reference)]
     assert samples(run_dir) == samples(reference)  # prompts, sampled text, rewards, advantages
-    assert azr_mini.latest_checkpoint(run_dir).name == azr_mini.latest_checkpoint(reference).name
+    assert latest_checkpoint(run_dir).name == latest_checkpoint(reference).name
     assert not list(run_dir.glob(".checkpoint-*")) and not list(run_dir.glob("*.tmp"))
 
 
@@ -49,9 +50,9 @@ POINTS = {
     "while proposing": (azr_mini, "sample", 1),
     "while computing gradients": (azr_mini, "trr_update", 1),
     "in the optimizer step": (torch.optim.AdamW, "step", 2),
-    "while computing metrics": (azr_mini, "step_metrics", 2),
-    "while writing metrics": (azr_mini.RunLog, "metrics", 2),
-    "while writing samples": (azr_mini.RunLog, "samples", 2),
+    "while computing metrics": (run, "step_metrics", 2),
+    "while writing metrics": (RunLog, "metrics", 2),
+    "while writing samples": (RunLog, "samples", 2),
 }
 
 
@@ -82,7 +83,7 @@ def test_ctrl_c_anywhere_in_a_step_resumes_exactly(point, uninterrupted, tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         run_tiny(run_dir, *STEPS)
     assert exit_info.value.code == 130
-    assert azr_mini.latest_checkpoint(run_dir).name == f"checkpoint-{saved:06d}"
+    assert latest_checkpoint(run_dir).name == f"checkpoint-{saved:06d}"
     assert [m["step"] for m in metrics(run_dir)] == list(range(1, saved + 1))  # logs agree with it
     monkeypatch.undo()
 
@@ -92,14 +93,14 @@ def test_ctrl_c_anywhere_in_a_step_resumes_exactly(point, uninterrupted, tmp_pat
 
 
 def test_ctrl_c_while_checkpointing_finishes_the_checkpoint(uninterrupted, tmp_path, monkeypatch):
-    real = azr_mini.save_checkpoint
+    real = save_checkpoint
 
     def ctrl_c_then_save(run_dir, step, *args, **kwargs):
         if step == 3:
             os.kill(os.getpid(), signal.SIGINT)
         return real(run_dir, step, *args, **kwargs)
 
-    monkeypatch.setattr(azr_mini, "save_checkpoint", ctrl_c_then_save)
+    monkeypatch.setattr(run, "save_checkpoint", ctrl_c_then_save)
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
         run_tiny(run_dir, *STEPS)
@@ -113,7 +114,7 @@ def test_kill_9_at_random_moments_then_resume(timed_run, tmp_path):
     run_dir, rng, kills = tmp_path / "run", random.Random(0), []
     script = [sys.executable, str(ROOT / "tests" / "scripted.py")]
     for attempt in range(4):
-        if azr_mini.latest_checkpoint(run_dir) is None:
+        if latest_checkpoint(run_dir) is None:
             argv = script + ["--run-dir", str(run_dir), *STEPS]  # killed before its first checkpoint
         else:
             argv = script + ["--resume", str(run_dir)]
@@ -153,7 +154,7 @@ def files_of(run_dir: Path) -> dict[str, bytes]:
 def test_resume_of_a_damaged_checkpoint_names_the_file_and_exits_2(damage, broken, uninterrupted, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted, run_dir)
-    damage(azr_mini.latest_checkpoint(run_dir))
+    damage(latest_checkpoint(run_dir))
     before = files_of(run_dir)
     with pytest.raises(SystemExit) as exit_info:
         azr_mini.main(["--resume", str(run_dir), "--steps", "4"])
@@ -207,7 +208,7 @@ def test_several_update_epochs_make_the_clip_work_and_ctrl_c_between_them_undoes
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit):
         run_tiny(run_dir, *flags)
-    assert azr_mini.latest_checkpoint(run_dir).name == "checkpoint-000001"
+    assert latest_checkpoint(run_dir).name == "checkpoint-000001"
     monkeypatch.undo()
     cfg = azr_mini.parse_args(["--resume", str(run_dir)])
     azr_mini.train(cfg, __import__("scripted").HalfScripted(azr_mini.build_policy(cfg)))
@@ -228,7 +229,7 @@ def test_kill_pid_saves_the_last_whole_step_like_ctrl_c(uninterrupted, tmp_path)
     proc.terminate()
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
-    saved = azr_mini.latest_checkpoint(run_dir).name
+    saved = latest_checkpoint(run_dir).name
     assert f"interrupted: saved step {int(saved.split('-')[1])}" in out and saved != "checkpoint-000000"
     _, err = subprocess.Popen(script + ["--resume", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True).communicate(timeout=300)
