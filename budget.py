@@ -19,11 +19,11 @@ will generate at the lengths the example run saw.
 How far to trust it: the prediction assumes the worst case of a step (every response max_new_tokens
 long, no prompt prefix shared in the update), so a real step usually stays below it.
 `python budget.py [azr_mini.py flags]` loads the model, runs one generate and one update micro-batch
-at the flags' sizes and prints measured peak resident memory against predicted, per phase. On the
-reference CPU (float32): random models of hidden 64, 256 and 512, checkpointing on and off, within
--13% and +9%; the embedded 0.5B, generate +20% (its 0.5 GB input embedding is memory-mapped in
-float32 and mostly never read), update -2%. Stated error on a CPU: 20%. On a GPU nothing here has
-been measured yet. GB here is 2^30 bytes, as GPU memory is counted.
+at the flags' sizes and prints measured peak resident memory against predicted, per phase. On a CPU:
+random models of hidden 64-512 in float32, checkpointing on and off, and the tiny and embedded
+models in float32 and bf16 came within -13% and +23% (the README has each figure). Stated error on
+a CPU: 25%. Loading is left out (in bf16 it briefly holds the float32 file's pages too). On a GPU
+nothing here has been measured yet. GB here is 2^30 bytes, as GPU memory is counted.
 """
 
 from __future__ import annotations

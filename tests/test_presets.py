@@ -115,14 +115,14 @@ def test_a_run_that_will_not_fit_stops_before_loading(monkeypatch, tmp_path):
 @pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux /proc to reset the peak")
 def test_the_tiny_model_uses_what_was_predicted():
     """One generate and one update micro-batch in a fresh process: peak resident memory per phase
-    against the prediction. The stated error on the CPU is 20% (README)."""
+    against the prediction. The stated error on the CPU is 25% (README)."""
     proc = subprocess.run([sys.executable, "budget.py", "--model", "tiny", "--gen-batch-size", "16",
                            "--max-new-tokens", "32", "--micro-batch", "4", "--lora-layers", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     errors = [int(e) for e in re.findall(r"\(([+-]\d+)%\)", proc.stdout)]
-    assert len(errors) == 2 and all(abs(e) <= 20 for e in errors), proc.stdout
+    assert len(errors) == 2 and all(abs(e) <= 25 for e in errors), proc.stdout
 
 
 # --------------------------------------------------------------------------------------------------
