@@ -155,6 +155,8 @@ class Config:
     @classmethod
     def exactly(cls, values: dict) -> Config:
         """A Config of exactly these values, a preset's already among them: nothing applied on top."""
+        if values.get("preset", "cpu") not in PRESETS:
+            raise ValueError(f"--preset {values['preset']}: choose from {', '.join(PRESETS)}")
         cfg = cls(**{**values, "preset": "cpu"})
         cfg.preset = values.get("preset", "cpu")
         return cfg
@@ -534,21 +536,21 @@ def train(cfg: Config, policy: Policy | None = None) -> Path:
     run.announce(policy)                             # dtype and why, threads, a rough time
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
     rng = random.Random(cfg.seed)                    # buffers, references, solve batches
-    with run.interruptible(policy, optimizer, rng), Executor(
-            timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb, workers=cfg.exec_workers or None) as executor:
-        buffers = run.resume(executor)               # from the newest checkpoint, or None
+    with Executor(timeout_s=cfg.exec_timeout_s, memory_mb=cfg.exec_memory_mb,
+                  workers=cfg.exec_workers or None) as executor, run.interruptible(policy, optimizer, rng):
+        buffers = run.start(executor)                # a resumed run's buffers, or None
         if buffers is None:
             with run.seeding():
                 buffers = seed_buffers(policy, executor, rng, cfg, Timer(), run.log)
-            run.seeded(buffers)                      # checkpoint step 0
+            run.save_seeded(buffers)                 # checkpoint step 0
         while run.step < cfg.steps:
             timer = run.new_step()
             with timer("step"):
                 episodes, rollouts, new_tasks = self_play_step(policy, executor, buffers, rng, cfg, timer)
-                with timer("update"), run.undoable():
+                with timer("update"), run.revertible():
                     update = trr_update(policy, optimizer, episodes, cfg)
             with run.commit():                       # optimizer step, buffers, logs, checkpoint: all or none
-                with timer("step"), timer("update"):
+                with timer("step"), timer("update"):  # the optimizer step is part of the update's time
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 for t in TASK_TYPES:

@@ -47,13 +47,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import azr_mini
-from models import EMBEDDED
-from prompts import SOLVER_TEMPLATES, task_from_json
-from run import CheckpointError, RunLog, Timer, latest_checkpoint, read_adapter, read_state
 from executor import Executor
-from prompts import (ABDUCTION, DEDUCTION, INDUCTION, SEED_TRIPLET, STOP, TASK_TYPES, THINK_PREFILL, Chat,
-                     Triplet, parse_solution, solve_code, solve_math)
+from models import EMBEDDED
+from prompts import (ABDUCTION, DEDUCTION, INDUCTION, SEED_TRIPLET, SOLVER_TEMPLATES, STOP, TASK_TYPES, THINK_PREFILL,
+                     Chat, Triplet, parse_solution, solve_code, solve_math, task_from_json)
 from rewards import grade
+from run import CheckpointError, RunLog, Timer, latest_checkpoint, read_adapter, read_state
 
 ROOT = Path(__file__).resolve().parent
 DATA = ROOT.parent / "shared" / "data"       # where the tests find CRUXEval and GSM8K on our machines

@@ -420,7 +420,7 @@ def _induction_solve_request(task: InductionTask) -> str:
 def reuses_example(*texts: str) -> bool:
     """Whether a proposal's program or inputs carry a mark of a proposers' worked example (its
     signature, the words of its input; up to the quotes used). A diversity signal
-    (azr_mini.step_metrics, example_reuse), not a rule."""
+    (run.step_metrics, example_reuse), not a rule."""
     text = " ".join(texts).replace('"', "'")
     return any(mark in text for example in PROPOSER_EXAMPLES for mark in example.marks)
 

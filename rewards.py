@@ -174,7 +174,7 @@ def known_proposals(buffers: dict[str, list], task_type: str, program: str | Non
             frozenset(normalized(i) for i, _ in task.visible + task.hidden)
             for task in buffers[INDUCTION] if task.program == program}
     shown = list(EXAMPLE_PROGRAMS) + [task.program for task in buffers[task_type]]
-    return {normalized(program) for program in shown}
+    return {normalized(text) for text in shown}
 
 
 def distinct_inputs(inputs: Sequence[str]) -> bool:

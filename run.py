@@ -515,6 +515,8 @@ class Run:
         self.policy = self.optimizer = self.rng = self.executor = None
         self.snapshot: dict | None = None   # the random states at the start of the next step
         self.before: dict | None = None     # trainable_state before a multi-epoch update
+        self.committing = False             # inside commit(): record() belongs there
+        self.calls_before, self.statuses_before = 0, Counter()   # the executor's counters when the step began
 
     def announce(self, policy: Policy) -> None:
         """The start-up line: dtype and why, threads, a rough time for what is left (budget.py)."""
@@ -535,25 +537,35 @@ class Run:
                 if self.before is not None:             # and so are its first update epochs
                     restore_trainable_state(policy, optimizer, self.before)
                 with ctrl_c_deferred(deliver=False):    # a second Ctrl-C does not cut the save short
-                    if self.step > self.saved_step:
+                    if self.snapshot is not None and self.step > self.saved_step:
                         save_checkpoint(self.dir, self.step, policy, optimizer, self.buffers, self.snapshot, self.cfg)
-                print(f"\ninterrupted: saved step {self.step}; continue with python azr_mini.py --resume {self.dir}")
+                        self.saved_step = self.step
+                newest = latest_checkpoint(self.dir)
+                if newest is None:                      # stopped before the first checkpoint
+                    print("\ninterrupted: nothing saved yet")
+                else:
+                    print(f"\ninterrupted: saved step {read_state(newest)['step']}; continue with "
+                          f"python azr_mini.py --resume {self.dir}")
                 raise SystemExit(130) from None
 
-    def resume(self, executor) -> Buffers | None:
-        """The buffers of the newest checkpoint, its step, adapter, optimizer and random states
-        restored; None for a new run (whose logs start empty, and its config.json is written)."""
+    def start(self, executor) -> Buffers | None:
+        """A run resumed: the newest checkpoint's adapter, optimizer and random states restored, the
+        logs cut back to its step, and its buffers returned. A new run: empty logs, config.json
+        written, and None (the buffers are still to seed). Keeps the executor, whose counters go
+        into each step's metrics."""
         self.executor = executor
         if self.checkpoint is None:
             self.log.truncate_after(-1)                 # logs of an attempt killed before its first checkpoint
             (self.dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             return None
-        self.step, self.buffers, python_rng = load_checkpoint(self.checkpoint, self.policy, self.optimizer)
+        step, buffers, python_rng = load_checkpoint(self.checkpoint, self.policy, self.optimizer)
         self.rng.setstate(python_rng)
-        self.log.truncate_after(self.step)
-        self.saved_step, self.snapshot = self.step, rng_snapshot(self.rng)
-        print(f"resumed from {self.checkpoint} (step {self.step})")
-        return self.buffers
+        self.log.truncate_after(step)
+        # all at once, after the slow part: an interrupt before this line has nothing new to save
+        self.step = self.saved_step = step
+        self.buffers, self.snapshot = buffers, rng_snapshot(self.rng)
+        print(f"resumed from {self.checkpoint} (step {step})")
+        return buffers
 
     @contextmanager
     def seeding(self):
@@ -564,7 +576,7 @@ class Run:
             print("\ninterrupted while seeding: nothing to save yet")
             raise SystemExit(130) from None
 
-    def seeded(self, buffers: Buffers) -> None:
+    def save_seeded(self, buffers: Buffers) -> None:
         """Checkpoint step 0: the seeded buffers are worth keeping."""
         self.buffers = buffers
         with ctrl_c_deferred():
@@ -577,9 +589,9 @@ class Run:
         return Timer()
 
     @contextmanager
-    def undoable(self):
+    def revertible(self):
         """Around the update: with --update-epochs > 1 the optimizer steps before the commit, so keep
-        a copy of what it changes until the commit (an interrupt restores it)."""
+        a copy of what it changes until the commit (an interrupt reverts to it)."""
         self.before = trainable_state(self.policy, self.optimizer) if self.cfg.update_epochs > 1 else None
         yield
 
@@ -587,12 +599,17 @@ class Run:
     def commit(self):
         """The step's commit: Ctrl-C and SIGTERM wait until the block is done."""
         with ctrl_c_deferred():
-            yield
+            self.committing = True
+            try:
+                yield
+            finally:
+                self.committing = False
             self.before = None
 
     def record(self, episodes: list[Episode], rollouts: list[Episode], buffers: Buffers, update: dict,
                timer: Timer) -> None:
         """Inside the commit: count the step, log its metrics and samples, checkpoint when due."""
+        assert self.committing, "Run.record belongs inside `with run.commit():`"
         self.step += 1
         self.buffers = buffers
         m = step_metrics(self.step, episodes, rollouts, buffers, self.executor.calls - self.calls_before,

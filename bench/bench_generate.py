@@ -46,10 +46,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import azr_mini  # noqa: E402
-from prompts import SOLVER_TEMPLATES  # noqa: E402
 from models import load_policy  # noqa: E402
 from policy import left_pad, length_sorted_batches  # noqa: E402
-from prompts import DEDUCTION, SEED_TRIPLET, STOP, THINK_PREFILL, Chat, InductionTask, Triplet, chat  # noqa: E402
+from prompts import (DEDUCTION, SEED_TRIPLET, SOLVER_TEMPLATES, STOP, THINK_PREFILL, Chat, InductionTask,  # noqa: E402
+                     Triplet, chat)
 
 # Before issue 11, Policy.generate was transformers' `generate` on the LoRA model in float32, prompts
 # left-padded in length-sorted batches, stopping at "</answer>": the "before" path re-creates it.

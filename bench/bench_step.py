@@ -19,7 +19,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if argv[:1] == ["--from-run"]:
         run_dir = Path(argv[1])
-        cfg = azr_mini.Config(**json.loads((run_dir / "config.json").read_text()))
+        cfg = azr_mini.Config.exactly(json.loads((run_dir / "config.json").read_text()))
         steps = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         print(f"run {run_dir}: model {cfg.model}, preset {cfg.preset}, {len(steps)} steps")
     else:
