@@ -559,6 +559,8 @@ class Run:
             (self.dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
             return None
         step, buffers, python_rng = load_checkpoint(self.checkpoint, self.policy, self.optimizer)
+        for group in self.optimizer.param_groups:   # the saved optimizer state carries the lr it ran with:
+            group["lr"] = self.cfg.lr                # --resume DIR --lr X means X from here on
         self.rng.setstate(python_rng)
         self.log.truncate_after(step)
         # all at once, after the slow part: an interrupt before this line has nothing new to save

@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> None:
             evaluate_last(root, name, args.limit)
     if args.phase in ("all", "table"):
         rows = table(root, names, args.window, args.limit)
+        if not rows:
+            raise SystemExit(f"error: {root} holds no trained recipe of {', '.join(names)}")
         (root / "ablations.json").write_text(json.dumps(rows, indent=1))
         (root / "ablations.md").write_text(markdown(rows))
         print(markdown(rows))

@@ -48,3 +48,8 @@ def test_an_unknown_recipe_is_refused(tmp_path, capsys):
         ablations.main(["--root", str(tmp_path), "--recipes", "before,magic"])
     assert stopped.value.code == 2 and "unknown magic" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_a_table_of_nothing_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="holds no trained recipe"):
+        ablations.main(["--phase", "table", "--root", str(tmp_path / "nowhere")])

@@ -234,3 +234,13 @@ def test_kill_pid_saves_the_last_whole_step_like_ctrl_c(uninterrupted, tmp_path)
     _, err = subprocess.Popen(script + ["--resume", str(run_dir)], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True).communicate(timeout=300)
     assert_same_run(run_dir, uninterrupted)
+
+
+def test_a_flag_given_with_resume_wins_over_the_saved_optimizer_state(tmp_path):
+    """--resume DIR --lr X trains at X: the optimizer state saved in the checkpoint carries the old lr,
+    and loading it must not bring that back (ablations resume a seeding with a recipe's flags)."""
+    run_dir = run_tiny(tmp_path / "run", "--steps", "1", "--lr", "1e-4")
+    cfg = azr_mini.parse_args(["--resume", str(run_dir), "--steps", "2", "--lr", "3e-4"])
+    azr_mini.train(cfg, __import__("scripted").HalfScripted(azr_mini.build_policy(cfg)))
+    trainer = torch.load(latest_checkpoint(run_dir) / "trainer.pt", weights_only=True)
+    assert [g["lr"] for g in trainer["optimizer"]["param_groups"]] == [3e-4]
